@@ -1,0 +1,90 @@
+"""Sessions: `nox` runs `tests`; `nox -s bench`, `nox -s lint`, `nox -s fuzz`, `nox -s gpu-bench` on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+# The CPU build of torch: pinned so CPU machines and CI never pull the multi-GB CUDA build. gpu-bench leaves
+# torch unpinned so a GPU box gets (or keeps) its CUDA build.
+CPU_TORCH = "torch==2.13.0"
+
+
+def _install(session: nox.Session, torch_spec: str | None = CPU_TORCH, extras: str = "test") -> None:
+    if torch_spec:
+        session.install(torch_spec)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite on the CPU (bench tests run once, untimed). Extra args go to pytest."""
+    _install(session)
+    session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Time the `bench` tests with pytest-benchmark; results stored per device slug under .benchmarks/."""
+    _install(session)
+    slug = session.run(
+        "python", "-c", "from qbench.case import device_class; from qbench.env import default_device;"
+        "print(device_class(default_device()))", silent=True,
+    ).strip()
+    session.run(
+        "pytest", "-m", "bench", "--benchmark-enable", f"--benchmark-storage=.benchmarks/{slug}",
+        "--benchmark-autosave", *session.posargs, env={"HF_HUB_OFFLINE": "1"},
+    )
+
+
+@nox.session(default=False)
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """Property tests under hypothesis' long `fuzz` profile (nightly)."""
+    _install(session)
+    session.run("pytest", "-m", "not bench", "tests/test_format_chatglm.py", "tests/test_bnb_roundtrip.py",
+                *session.posargs, env={"HYPOTHESIS_PROFILE": "fuzz", "HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(name="gpu-bench", default=False)
+def gpu_bench(session: nox.Session) -> None:
+    """On CUDA: the drift + speed matrix, results JSON and a Markdown summary. Without CUDA: says so, exits 0.
+
+    `nox -s gpu-bench -- --model PATH --method bnb-nf4 ...` passes the selection through to `qbench run`.
+    """
+    if shutil.which("nvidia-smi") is None:
+        session.log("gpu-bench: no NVIDIA driver here (nvidia-smi not found); nothing to measure, exiting 0")
+        return
+    _install(session, torch_spec=os.environ.get("QBENCH_TORCH", "torch"), extras="test,gpu")
+    has_cuda = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True).strip()
+    if has_cuda != "True":
+        session.log("gpu-bench: torch sees no CUDA device; nothing to measure, exiting 0")
+        return
+    out = os.environ.get("QBENCH_OUT", "qbench-results")
+    os.makedirs(out, exist_ok=True)
+    args = list(session.posargs) or ["--method", "bf16", "--method", "bnb-nf4", "--method", "bnb-nf4-dq",
+                                     "--method", "bnb-fp4", "--method", "bnb-int8"]
+    session.run("qbench", "run", "--device", "cuda", "--json", f"{out}/results.json", *args,
+                env={"HF_HUB_OFFLINE": "1"}, success_codes=[0, 1])
+    session.run("python", "-m", "qbench.report", f"{out}/results.json", "--markdown", f"{out}/summary.md")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as dst, open(f"{out}/summary.md", encoding="utf-8") as src:
+            dst.write(src.read())
+    with open(f"{out}/results.json", encoding="utf-8") as f:
+        failed = [c["id"] for c in json.load(f)["cases"] if c["status"] in ("drift", "regression", "error")]
+    if failed:
+        session.error(f"gpu-bench: {len(failed)} case(s) failed: {', '.join(failed)} (see {out}/summary.md)")

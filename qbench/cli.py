@@ -1,0 +1,214 @@
+"""The ``qbench`` command: a thin door onto the library. Exit 0 all passed, 1 a verdict failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+from qbench.errors import UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where to look, exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, per-call casts) out of qbench's own output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    from qbench.runner import DEFAULT_METHODS
+
+    g = p.add_argument_group("what to run")
+    g.add_argument("--model", action="append", metavar="ID|PATH",
+                   help="zoo id (glm-tiny, glm4-tiny, glm4-moe-tiny), checkpoint directory or cached hub id; "
+                        "repeatable (default: glm-tiny)")
+    g.add_argument("--method", action="append", metavar="NAME",
+                   help=f"quantization method, repeatable (default: {' '.join(DEFAULT_METHODS)}; "
+                        "`qbench methods` lists them)")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
+    g.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"],
+                   help="activation dtype for every method (default: each method's own)")
+    g.add_argument("--reference", default="bf16", help="method the drift is measured against (default: bf16)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--context", type=_positive, default=128, help="prompt tokens for the speed test (default 128)")
+    w.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per speed run (default 32)")
+    w.add_argument("--repeat", type=_positive, default=3, help="timed speed runs after one warm-up (default 3)")
+    w.add_argument("--window", type=_positive, default=128,
+                   help="tokens per scoring window (default 128, glm-tiny's training length; use 512+ for real GLMs)")
+    w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
+    w.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    b = p.add_argument_group("baselines")
+    b.add_argument("--baselines", type=Path, help="baseline directory (default: the checkout's baselines/)")
+    b.add_argument("--lenient", action="store_true",
+                   help="skip, instead of failing, cases whose baseline fingerprints do not match")
+
+
+def _run_config(args, update: bool):
+    from qbench.env import default_device
+    from qbench.runner import DEFAULT_METHODS, RunConfig
+    from qbench.workload import Workload
+
+    wl_kwargs = {"context": args.context, "new_tokens": args.new_tokens, "repeat": args.repeat, "window": args.window}
+    if args.eval_text:
+        wl_kwargs["eval_text"] = args.eval_text
+    cfg = RunConfig(
+        models=args.model or ["glm-tiny"],
+        methods=args.method or list(DEFAULT_METHODS),
+        device=args.device or default_device(),
+        compute_dtype=args.compute_dtype,
+        reference=args.reference,
+        workload=Workload(**wl_kwargs),
+        update_baselines=update,
+        lenient=args.lenient,
+    )
+    if args.baselines:
+        cfg.baselines = args.baselines
+    return cfg
+
+
+def _execute(args, update: bool, console: Console, err: Console) -> int:
+    import torch
+
+    from qbench.report import print_report, write_json
+    from qbench.runner import run_cases
+    from qbench.verdict import FAILING
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _run_config(args, update)
+    if getattr(args, "json", None) and args.json.is_dir():
+        raise UsageError(f"--json {args.json}: is a directory; pass a file path such as results.json")
+    t0 = time.perf_counter()
+
+    def progress(case: str, stage: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {case}: {stage}", highlight=False)
+
+    results = run_cases(cfg, progress)
+    print_report(results, console)
+    if update:
+        for c in results["cases"]:
+            changed = c.get("baseline", {}).get("updated")
+            if changed is not None:
+                what = ", ".join(f"{k} {_fmt(a)} → {_fmt(b)}" for k, (a, b) in changed.items()) or "no change"
+                console.print(f"updated {c['baseline']['path']}: {what}", markup=False, highlight=False)
+    if getattr(args, "json", None):
+        write_json(results, args.json)
+        err.print(f"results written to {args.json}", highlight=False)
+    err.print(f"wall time {results['wall_s']:.1f}s", highlight=False)
+    return EXIT_FAILED if any(c["status"] in FAILING for c in results["cases"]) else EXIT_OK
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _zoo(args, console: Console) -> int:
+    from qbench.models import zoo
+
+    if args.zoo_cmd == "list":
+        for e in zoo.ZOO.values():
+            console.print(f"{e.name:15} {e.architecture:20} {e.description}", markup=False, highlight=False)
+    elif args.zoo_cmd == "path":
+        if args.name not in zoo.ZOO:
+            raise UsageError(f"zoo path {args.name}: unknown zoo model; choose from {', '.join(zoo.ZOO)}")
+        console.print(str(zoo.ZOO[args.name].build()), markup=False, highlight=False, soft_wrap=True)
+    elif args.zoo_cmd == "train":
+        from dataclasses import replace
+
+        from qbench.models.train import TrainConfig, train
+
+        if args.name != "glm-tiny":
+            raise UsageError(f"zoo train {args.name}: only glm-tiny is trained; the others are random-init")
+        if args.out.exists() and any(args.out.iterdir()):
+            raise UsageError(f"--out {args.out}: directory is not empty; pick a new directory")
+        cfg = replace(TrainConfig(), seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        record = train(args.out, cfg, log=lambda s: console.print(s, markup=False, highlight=False))
+        console.print(f"wrote {args.out} in {record['train_seconds']}s", markup=False, highlight=False)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qbench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="quantize, judge drift against baselines, measure speed and memory")
+    _add_selection(run)
+    run.add_argument("--json", type=Path, metavar="PATH", help="write the results JSON (qbench.results/1) here")
+    base = sub.add_parser("baseline", help="manage stored baselines")
+    bsub = base.add_subparsers(dest="baseline_cmd", required=True, parser_class=_Parser)
+    upd = bsub.add_parser("update", help="run the selected cases and rewrite their baselines, printing what changed")
+    _add_selection(upd)
+    upd.add_argument("--json", type=Path, metavar="PATH", help="also write the results JSON here")
+    sub.add_parser("methods", help="list the registered quantization methods")
+    zoo = sub.add_parser("zoo", help="the built-in tiny models")
+    zsub = zoo.add_subparsers(dest="zoo_cmd", required=True, parser_class=_Parser)
+    zsub.add_parser("list", help="list the zoo")
+    zp = zsub.add_parser("path", help="print a zoo model's checkpoint directory (building it if needed)")
+    zp.add_argument("name")
+    zt = zsub.add_parser("train", help="train glm-tiny from scratch on the CPU")
+    zt.add_argument("name", help="glm-tiny")
+    zt.add_argument("--out", type=Path, required=True, help="new directory for the checkpoint")
+    zt.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
+    zt.add_argument("--steps", type=_positive, help="optimizer steps (default: the shipped model's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console, err = Console(), Console(stderr=True)
+    quiet_libraries()
+    try:
+        if args.cmd in ("run", "baseline"):
+            return _execute(args, update=args.cmd == "baseline", console=console, err=err)
+        if args.cmd == "methods":
+            from qbench import methods
+
+            for name in methods.names():
+                m = methods.get(name)
+                console.print(f"{name:12} {m.family:14} {m.description}", markup=False, highlight=False)
+            return EXIT_OK
+        if args.cmd == "zoo":
+            return _zoo(args, console)
+    except UsageError as e:
+        err.print(f"qbench: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("qbench: interrupted; no results file was written and no baseline was changed", highlight=False)
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The method registry: one decorator registers a method by name and refuses a duplicate.
+
+Nothing outside this package branches on a method's name; callers ask the registry for a :class:`Method`
+and use its interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from qbench.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise UsageError(f"compute dtype {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    path: Path
+    device: str  # a torch device string: "cpu", "cuda", "cuda:1"
+    compute_dtype: str  # one of DTYPES
+
+
+class Method:
+    """A way to load (and quantize) a checkpoint. Subclasses set the class attributes and ``load``."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    description: ClassVar[str]
+    quantized: ClassVar[bool] = True
+    # The dtype activations are computed in unless the case says otherwise.
+    default_compute_dtype: ClassVar[str] = "bf16"
+    # Absolute quality bounds against the full-precision reference (qbench.verdict.Bound), with provenance.
+    quality_bounds: ClassVar[tuple] = ()
+
+    def load(self, req: LoadRequest) -> PreTrainedModel:
+        raise NotImplementedError
+
+    def quantized_modules(self, model: PreTrainedModel) -> list[str]:
+        """Names of the modules this method replaced with quantized ones (empty for references)."""
+        return []
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice ({_REGISTRY[cls.name].__class__} and {cls})")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"--method {name}: unknown method; choose from {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)

@@ -1,0 +1,159 @@
+"""Where weights come from: the zoo of tiny GLMs, local checkpoint directories, hub ids already cached.
+
+``resolve(spec)`` turns what a user typed after ``--model`` into a checkpoint directory, or raises
+:class:`~qbench.errors.UsageError` with one line that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qbench.errors import UsageError
+
+DATA_DIR = Path(__file__).parent / "data"
+GLM_TINY_DIR = DATA_DIR / "glm-tiny"
+EVAL_TEXT = DATA_DIR / "eval.txt"
+PROMPTS = DATA_DIR / "prompts.json"
+
+# model_type values qbench loads with transformers' own classes (no remote code).
+SUPPORTED_MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    architecture: str
+    description: str
+    build: Callable[[], Path]
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def _register(name: str, architecture: str, description: str):
+    def deco(fn: Callable[[], Path]) -> Callable[[], Path]:
+        if name in ZOO:
+            raise ValueError(f"zoo entry {name!r} registered twice")
+        ZOO[name] = ZooEntry(name, architecture, description, fn)
+        return fn
+
+    return deco
+
+
+def cache_dir() -> Path:
+    """Where on-demand zoo models are built: $QBENCH_CACHE, else ~/.cache/qbench."""
+    return Path(os.environ.get("QBENCH_CACHE", Path.home() / ".cache" / "qbench"))
+
+
+@_register("glm-tiny", "GlmForCausalLM", "trained on qbench's synthetic bilingual corpus; ships in the package")
+def _glm_tiny() -> Path:
+    if not (GLM_TINY_DIR / "model.safetensors").is_file():
+        raise UsageError(
+            f"glm-tiny is missing from the package ({GLM_TINY_DIR}); reinstall qbench or rebuild it with "
+            "`qbench zoo train glm-tiny --out <dir>`"
+        )
+    return GLM_TINY_DIR
+
+
+def _random_init(name: str, config) -> Path:
+    """Build a random-weight model from ``config`` with seed 0 once, reusing glm-tiny's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir() / "zoo" / f"{name}-v1"
+    if (out / "model.safetensors").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(GLM_TINY_DIR).save_pretrained(tmp)
+    if out.exists():  # another process built it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(out)
+    return out
+
+
+def _tiny_dims() -> dict:
+    tok = json.loads((GLM_TINY_DIR / "config.json").read_text())
+    return dict(
+        vocab_size=tok["vocab_size"], hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, pad_token_id=tok["pad_token_id"],
+        eos_token_id=tok["eos_token_id"], bos_token_id=tok["bos_token_id"], tie_word_embeddings=False,
+    )
+
+
+@_register("glm4-tiny", "Glm4ForCausalLM", "random weights from a small GLM-4-0414 config, seed 0, built on demand")
+def _glm4_tiny() -> Path:
+    from transformers import Glm4Config
+
+    return _random_init("glm4-tiny", Glm4Config(intermediate_size=256, **_tiny_dims()))
+
+
+@_register("glm4-moe-tiny", "Glm4MoeForCausalLM", "random weights from a small GLM-4.5 MoE config, built on demand")
+def _glm4_moe_tiny() -> Path:
+    from transformers import Glm4MoeConfig
+
+    return _random_init(
+        "glm4-moe-tiny",
+        Glm4MoeConfig(
+            intermediate_size=256, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, **_tiny_dims(),
+        ),
+    )
+
+
+def resolve(spec: str) -> Path:
+    """A zoo id, a checkpoint directory, or a hub id already in the local cache → checkpoint directory."""
+    if spec in ZOO:
+        return ZOO[spec].build()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return check_checkpoint_dir(path)
+    if path.exists():
+        raise UsageError(f"--model {spec}: is a file, not a checkpoint directory; pass the directory holding config.json")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return check_checkpoint_dir(Path(snapshot_download(spec, local_files_only=True)))
+        except UsageError:
+            raise
+        except Exception:
+            pass
+    raise UsageError(
+        f"--model {spec}: no such directory, not a zoo id ({', '.join(ZOO)}) and not a hub id in the local "
+        "cache; pass a checkpoint directory, or download the model first on a machine with network access"
+    )
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"--model {path}: no config.json there; pass a Hugging Face checkpoint directory")
+    try:
+        model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--model {path}: config.json is not valid JSON ({e}); fix or re-download it") from None
+    if model_type == "chatglm":
+        raise UsageError(
+            f"--model {path}: a ChatGLM3-format checkpoint (model_type 'chatglm') needs remote code; qbench does not "
+            "load it directly yet; use a GLM checkpoint in transformers' format (model_type 'glm')"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(
+            f"--model {path}: model_type {model_type!r} is not supported; qbench runs "
+            f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODEL_TYPES.items())}"
+        )
+    return path
+
+
+def model_id(spec: str) -> str:
+    """The short name a case is keyed by: the zoo id, else the directory's name."""
+    return spec if spec in ZOO else Path(spec.rstrip("/")).name or spec

@@ -1,0 +1,81 @@
+"""qbench's pytest plugin: options, the device under test, GPU skips, and the drift case matrix.
+
+Tests that take the ``qbench_case`` fixture are parametrized over models × methods with readable ids
+(``glm-tiny-bnb-nf4-cpu``); the cases of one session run once through :func:`qbench.runner.run_cases`, so
+each model's reference is scored once however many methods are selected.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8")
+
+
+def pytest_addoption(parser) -> None:
+    g = parser.getgroup("qbench")
+    g.addoption("--qbench-model", action="append", help="model for the drift matrix (repeatable; default glm-tiny)")
+    g.addoption("--qbench-method", action="append", help="method for the drift matrix (repeatable; default: all)")
+    g.addoption("--qbench-device", help="device under test (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
+    g.addoption("--qbench-update-baselines", action="store_true", help="rewrite the baselines of the selected cases")
+    g.addoption("--qbench-lenient", action="store_true", help="skip cases whose baseline fingerprints do not match")
+
+
+def _device(config) -> str:
+    from qbench.env import default_device
+
+    return config.getoption("--qbench-device") or default_device()
+
+
+def pytest_configure(config) -> None:
+    from qbench.cli import quiet_libraries
+
+    quiet_libraries()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "qbench_case" not in metafunc.fixturenames:
+        return
+    from qbench.case import Case
+    from qbench.methods import get
+    from qbench.models.zoo import model_id
+
+    config = metafunc.config
+    models = config.getoption("--qbench-model") or ["glm-tiny"]
+    methods = config.getoption("--qbench-method") or list(DRIFT_METHODS)
+    device = _device(config)
+    cases = [(spec, Case(model_id(spec), m, device, get(m).default_compute_dtype)) for spec in models for m in methods]
+    metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
+
+
+@pytest.fixture(scope="session")
+def qbench_device(pytestconfig) -> str:
+    """The device under test: --qbench-device, $QBENCH_DEVICE, else cuda when visible, else cpu."""
+    return _device(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def qbench_matrix_results(pytestconfig) -> dict:
+    """Results of the whole selected matrix, run once per session: {case id: case result}."""
+    from qbench.runner import RunConfig, run_cases
+
+    cfg = RunConfig(
+        models=pytestconfig.getoption("--qbench-model") or ["glm-tiny"],
+        methods=pytestconfig.getoption("--qbench-method") or list(DRIFT_METHODS),
+        device=_device(pytestconfig),
+        update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
+        lenient=pytestconfig.getoption("--qbench-lenient"),
+    )
+    results = run_cases(cfg)
+    return {c["id"]: c for c in results["cases"]}

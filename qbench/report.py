@@ -1,0 +1,108 @@
+"""Reports of a results document: the terminal table and the JSON file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from qbench.baselines.store import atomic_write_json
+
+STATUS_STYLE = {"pass": "green", "drift": "red", "regression": "red", "error": "bold red", "skipped": "yellow"}
+
+
+def _mb(n: float | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def _num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _tok_s(perf: dict, key: str) -> str:
+    s = perf.get(key)
+    if not s or not s.get("n"):
+        return "–"
+    return f"{s['mean']:.0f} ± {s['std']:.0f}"
+
+
+def table(results: dict) -> Table:
+    t = Table(title=f"qbench · {results['config']['device']} · reference {results['config']['reference']}")
+    cols = ["model", "method", "weights MB", "ppl", "ppl ratio", "KLD mean", "same top1", "prefill tok/s",
+            "decode tok/s", "peak MB", "status"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("model", "method", "status") else "right")
+    for c in results["cases"]:
+        q, perf, mem = c.get("quality", {}), c.get("perf", {}), c.get("memory", {})
+        peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
+        status = c["status"]
+        t.add_row(
+            c["model"], c["method"] if c.get("compute_dtype") is None else f"{c['method']} ({c['compute_dtype']})",
+            _mb(c.get("footprint", {}).get("weights_bytes")), _num(q.get("ppl"), ".3f"),
+            _num(q.get("ppl_ratio"), ".4f"), _num(q.get("kld_mean"), ".5f"), _num(q.get("same_top1"), ".3f"),
+            _tok_s(perf, "prefill_tok_s"), _tok_s(perf, "decode_tok_s"), _mb(peak),
+            f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
+        )
+    return t
+
+
+def print_report(results: dict, console: Console) -> None:
+    console.print(table(results))
+    for c in results["cases"]:
+        for r in c.get("reasons", []):
+            console.print(f"  {c['id']}: {r}", markup=False, highlight=False)
+    if any(c["status"] == "error" for c in results["cases"]):
+        for c in results["cases"]:
+            if c["status"] == "error" and c.get("log_tail"):
+                console.print(f"  {c['id']} log tail:\n    " + "\n    ".join(c["log_tail"]), markup=False)
+
+
+def write_json(results: dict, path: Path) -> None:
+    atomic_write_json(path, results)
+
+
+def markdown(results: dict) -> str:
+    """A Markdown table fit for $GITHUB_STEP_SUMMARY."""
+    env = results["env"]
+    dev = env["device"]
+    lines = [
+        f"### qbench · {dev.get('name')} ({results['config']['device']}) · reference {results['config']['reference']}",
+        "",
+        "libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
+        "",
+        "| model | method | weights MB | ppl | ppl ratio | KLD mean | KLD p99 | same top1 | prefill tok/s "
+        "| decode tok/s | peak MB | status |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for c in results["cases"]:
+        q, perf, mem = c.get("quality", {}), c.get("perf", {}), c.get("memory", {})
+        peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
+        lines.append(
+            f"| {c['model']} | {c['method']} | {_mb(c.get('footprint', {}).get('weights_bytes'))} "
+            f"| {_num(q.get('ppl'), '.3f')} | {_num(q.get('ppl_ratio'), '.4f')} | {_num(q.get('kld_mean'), '.5f')} "
+            f"| {_num(q.get('kld_p99'), '.4f')} | {_num(q.get('same_top1'), '.3f')} "
+            f"| {_tok_s(perf, 'prefill_tok_s')} | {_tok_s(perf, 'decode_tok_s')} | {_mb(peak)} | {c['status']} |"
+        )
+    reasons = [f"- `{c['id']}`: {r}" for c in results["cases"] for r in c.get("reasons", [])]
+    return "\n".join(lines + ([""] + reasons if reasons else [])) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m qbench.report", description="Render a qbench results JSON.")
+    p.add_argument("results", type=Path)
+    p.add_argument("--markdown", type=Path, help="write a Markdown summary here")
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text(encoding="utf-8"))
+    if args.markdown:
+        args.markdown.write_text(markdown(results), encoding="utf-8")
+    else:
+        print_report(results, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

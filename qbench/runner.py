@@ -1,0 +1,298 @@
+"""Runs cases: load → quantize → workload → measurements → compare with baseline → verdict.
+
+Each model's reference (``--reference``, bf16 by default) is scored once; every method of that model is
+then measured against it. A case that raises becomes that case's ``error`` verdict and the run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qbench import env as qenv
+from qbench import methods
+from qbench.baselines import store
+from qbench.baselines.fingerprint import model_fingerprint, tokenizer_fingerprint
+from qbench.case import Case, device_class
+from qbench.errors import UsageError
+from qbench.measure.footprint import weights_bytes
+from qbench.measure.memory import track_peak
+from qbench.measure.timing import measure_speed
+from qbench.models import zoo
+from qbench.models.loading import load_tokenizer
+from qbench.quality import tasks
+from qbench.quality.drift import DriftAccumulator, Reference, build_reference, greedy_agreement, iter_logprobs
+from qbench.verdict import ERROR, FAILING, fingerprint_mismatches, judge, quality_gate, regression_gate
+from qbench.workload import Workload
+
+RESULTS_SCHEMA = "qbench.results/1"
+DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
+
+
+@dataclass
+class RunConfig:
+    models: list[str] = field(default_factory=lambda: ["glm-tiny"])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    device: str = "cpu"
+    compute_dtype: str | None = None  # None: each method's own default
+    reference: str = "bf16"
+    workload: Workload = field(default_factory=Workload)
+    baselines: Path = field(default_factory=store.default_root)
+    update_baselines: bool = False
+    lenient: bool = False
+
+    def validate(self) -> None:
+        """Everything that can be checked before any model is loaded, so bad input costs nothing."""
+        for name in [*self.methods, self.reference]:
+            methods.get(name)
+        if self.compute_dtype is not None:
+            methods.torch_dtype(self.compute_dtype)
+        check_device(self.device)
+        self.workload.text()
+        self.workload.prompt_set()
+        for spec in self.models:
+            zoo.resolve(spec)
+
+
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is visible here; use --device cpu or run on a GPU box")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: qbench runs on cpu or cuda")
+
+
+Progress = Callable[[str, str], None]
+
+
+def _quiet(_case: str, _stage: str) -> None:
+    pass
+
+
+@dataclass
+class ModelContext:
+    """What every case of one model shares: tokenized workload, fingerprints, the reference."""
+
+    spec: str
+    name: str
+    path: Path
+    tokenizer: object
+    eval_ids: torch.Tensor
+    speed_ids: torch.Tensor
+    prompts: dict
+    fingerprints: dict
+    reference: Reference | None = None
+    reference_greedy: list[list[int]] | None = None
+
+
+def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
+    path = zoo.resolve(spec)
+    tokenizer = load_tokenizer(path)
+    wl = cfg.workload
+    ids = torch.tensor(tokenizer(wl.text(), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < 2:
+        raise UsageError(f"{wl.eval_text}: fewer than 2 tokens; pass a longer evaluation text")
+    eval_ids = ids[: wl.max_positions + 1]
+    speed = ids.repeat((wl.context + ids.numel() - 1) // ids.numel())[: wl.context]
+    return ModelContext(
+        spec=spec,
+        name=zoo.model_id(spec),
+        path=path,
+        tokenizer=tokenizer,
+        eval_ids=eval_ids,
+        speed_ids=speed[None],
+        prompts=wl.prompt_set(),
+        fingerprints={
+            "model": model_fingerprint(path),
+            "tokenizer": tokenizer_fingerprint(path),
+            "workload": wl.fingerprint(),
+            "reference": cfg.reference,
+        },
+    )
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load(method: methods.Method, ctx: ModelContext, device: str, dtype: str):
+    return method.load(methods.LoadRequest(ctx.path, device, dtype))
+
+
+def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
+    method = methods.get(cfg.reference)
+    progress(f"{ctx.name} reference", f"loading {cfg.reference}")
+    model = _load(method, ctx, cfg.device, method.default_compute_dtype)
+    progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
+    ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
+    ctx.reference_greedy = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
+    _free(model)
+
+
+def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progress) -> dict:
+    """Load, quantize and run one case; return its measurements (no judging here)."""
+    method = methods.get(case.method)
+    wl = cfg.workload
+    progress(case.id, "loading + quantizing")
+    t0 = time.perf_counter()
+    with track_peak(case.device) as load_mem:
+        model = _load(method, ctx, case.device, case.compute_dtype)
+    load_s = time.perf_counter() - t0
+    quantized = method.quantized_modules(model)
+    footprint = {"weights_bytes": weights_bytes(model), "quantized_modules": len(quantized)}
+
+    progress(case.id, f"scoring {ctx.eval_ids.numel() - 1} positions")
+    t0 = time.perf_counter()
+    with track_peak(case.device) as score_mem:
+        acc = DriftAccumulator(ctx.reference)
+        for logp, targets in iter_logprobs(model, ctx.eval_ids, wl.window):
+            acc.update(logp, targets)
+        quality = acc.result()
+        greedy = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
+        quality.update(greedy_agreement(ctx.reference_greedy, greedy))
+        if ctx.prompts.get("addition"):
+            quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
+    score_s = time.perf_counter() - t0
+
+    progress(case.id, f"timing {wl.repeat}× ({wl.context} prompt + {wl.new_tokens} new tokens)")
+    t0 = time.perf_counter()
+    with track_peak(case.device) as run_mem:
+        perf = measure_speed(model, ctx.speed_ids.to(case.device), wl.new_tokens, wl.repeat, wl.warmup)
+    speed_s = time.perf_counter() - t0
+    _free(model)
+    return {
+        "footprint": footprint,
+        "quality": quality,
+        "greedy": greedy,
+        "perf": perf,
+        "memory": {
+            "peak_load_bytes": load_mem.peak_bytes,
+            "peak_run_bytes": run_mem.peak_bytes,
+            "peak_score_bytes": score_mem.peak_bytes,
+            "load_delta_bytes": load_mem.delta_bytes,
+            "run_delta_bytes": run_mem.delta_bytes,
+            "reserved_peak_bytes": run_mem.reserved_bytes,
+            "source": load_mem.source,
+        },
+        "timings_s": {"load": load_s, "score": score_s, "speed": speed_s},
+    }
+
+
+def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
+    keep = ("ppl", "ppl_ref", "ppl_ratio", "kld_mean", "kld_p99", "kld_max", "same_top1", "rms_dp",
+            "greedy_match", "addition_accuracy")
+    return {
+        "schema": store.SCHEMA,
+        "case": {"model": case.model, "method": case.method, "compute_dtype": case.compute_dtype,
+                 "device_class": device_class(case.device)},
+        "fingerprints": ctx.fingerprints,
+        "libraries": qenv.library_versions(),
+        "quality": {k: m["quality"][k] for k in keep if k in m["quality"]},
+        "greedy": m["greedy"],
+        "footprint": m["footprint"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[str, list[str], dict]:
+    method = methods.get(case.method)
+    label = f"{case.method} on {case.model}"
+    q_reasons = quality_gate(m["quality"], method.quality_bounds, label)
+    record = baseline_record(case, ctx, m)
+    baseline = store.load(cfg.baselines, case)
+    info = {"path": str(store.case_dir(cfg.baselines, case) / store.BASELINE_FILE), "compared": False}
+    if cfg.update_baselines:
+        old = baseline["quality"] if baseline else {}
+        store.write(cfg.baselines, case, record)
+        store.discard_obtained(cfg.baselines, case)
+        info["updated"] = {k: [old.get(k), v] for k, v in record["quality"].items() if old.get(k) != v}
+        verdict = judge(q_reasons, [], [], cfg.lenient)
+        return verdict.status, verdict.reasons, info
+    if baseline is None:
+        verdict = judge(q_reasons, [], [], cfg.lenient)
+        info["note"] = (f"no stored baseline; create it with `qbench baseline update --model {ctx.spec} "
+                        f"--method {case.method} --device {case.device}`")
+        return verdict.status, verdict.reasons + [info["note"]], info
+    refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
+    r_reasons = [] if refused else regression_gate(m["quality"], m["greedy"], baseline, label)
+    info["compared"] = not refused
+    verdict = judge(q_reasons, r_reasons, refused, cfg.lenient)
+    if verdict.status in FAILING:
+        info["obtained"] = str(store.write(cfg.baselines, case, record, obtained=True))
+    else:
+        store.discard_obtained(cfg.baselines, case)
+    return verdict.status, verdict.reasons, info
+
+
+def _error_result(case: Case, exc: BaseException) -> dict:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {
+        **_case_fields(case),
+        "status": ERROR,
+        "reasons": [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"],
+        "log_tail": "".join(tb).splitlines()[-12:],
+    }
+
+
+def _case_fields(case: Case) -> dict:
+    return {"id": case.id, "model": case.model, "method": case.method, "device": case.device,
+            "compute_dtype": case.compute_dtype}
+
+
+def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
+    """Run every model × method of ``cfg``; return the results document (schema qbench.results/1)."""
+    cfg.validate()
+    started = time.time()
+    cases_out: list[dict] = []
+    for spec in cfg.models:
+        ctx = prepare_model(spec, cfg)
+        cases = [
+            Case(ctx.name, name, cfg.device, cfg.compute_dtype or methods.get(name).default_compute_dtype,
+                 default_dtype=cfg.compute_dtype in (None, methods.get(name).default_compute_dtype))
+            for name in cfg.methods
+        ]
+        try:
+            score_reference(ctx, cfg, progress)
+        except Exception as e:  # the reference failed: every case of this model is an error, the run goes on
+            cases_out += [_error_result(c, e) for c in cases]
+            continue
+        for case in cases:
+            try:
+                m = measure_case(case, ctx, cfg, progress)
+                status, reasons, info = judge_case(case, ctx, m, cfg)
+            except UsageError:
+                raise
+            except Exception as e:
+                cases_out.append(_error_result(case, e))
+                progress(case.id, f"error: {cases_out[-1]['reasons'][0]}")
+                continue
+            m.pop("greedy")
+            cases_out.append({**_case_fields(case), "status": status, "reasons": reasons, **m,
+                              "estimate": {"predicted_peak_bytes": None,
+                                           "note": "pre-flight estimate not implemented yet"},
+                              "baseline": info, "fingerprints": ctx.fingerprints})
+            progress(case.id, status)
+    return {
+        "schema": RESULTS_SCHEMA,
+        "env": qenv.collect(cfg.device),
+        "config": {"models": cfg.models, "methods": cfg.methods, "device": cfg.device, "reference": cfg.reference,
+                   "compute_dtype": cfg.compute_dtype,
+                   "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()}},
+        "wall_s": time.time() - started,
+        "cases": cases_out,
+    }

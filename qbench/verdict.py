@@ -1,0 +1,102 @@
+"""From measurements to a verdict: pass | drift | regression | error | skipped, with reasons in words.
+
+Two gates per case:
+
+* quality against the full-precision reference of the same run, with absolute bounds per method
+  (``Method.quality_bounds``);
+* regression against the stored baseline of the same quantized case, with bounds from measured noise
+  (:mod:`qbench.baselines.tolerances`), refused when the fingerprints say the numbers are not comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qbench.baselines.tolerances import GREEDY_PROMPTS_ALLOWED_TO_DIFFER, REGRESSION_TOLERANCES
+
+PASS, DRIFT, REGRESSION, ERROR, SKIPPED = "pass", "drift", "regression", "error", "skipped"
+FAILING = (DRIFT, REGRESSION, ERROR)
+
+# Fingerprints that must match for a comparison to mean anything. Library versions are recorded but not
+# compared: a change of library is exactly what the gate exists to judge.
+COMPARED_FINGERPRINTS = ("model", "tokenizer", "workload", "reference")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``metric`` must stay at or below (``upper``) or at or above ``limit``; ``why`` gives its provenance."""
+
+    metric: str
+    limit: float
+    upper: bool = True
+    why: str = ""
+
+    def violation(self, value: float | None) -> str | None:
+        if value is None:
+            return None
+        ok = value <= self.limit if self.upper else value >= self.limit
+        if ok and value == value:  # NaN never passes
+            return None
+        sign = ">" if self.upper else "<"
+        return f"{self.metric} {value:.4g} {sign} {self.limit:.4g} allowed"
+
+
+@dataclass
+class Verdict:
+    status: str
+    reasons: list[str]
+
+
+def quality_gate(quality: dict, bounds: tuple[Bound, ...], label: str) -> list[str]:
+    reasons = []
+    if quality.get("nonfinite_positions"):
+        reasons.append(f"NaN/inf logits at {quality['nonfinite_positions']} positions")
+    for b in bounds:
+        v = b.violation(quality.get(b.metric))
+        if v:
+            reasons.append(f"{v} for {label} vs the full-precision reference")
+    return reasons
+
+
+def fingerprint_mismatches(current: dict, stored: dict) -> list[str]:
+    return [
+        f"{k} fingerprint {stored.get(k)} in the baseline, {current.get(k)} now"
+        for k in COMPARED_FINGERPRINTS
+        if stored.get(k) != current.get(k)
+    ]
+
+
+def regression_gate(quality: dict, greedy: list[list[int]], baseline: dict, label: str) -> list[str]:
+    reasons = []
+    stored = baseline["quality"]
+    for tol in REGRESSION_TOLERANCES:
+        now, then = quality.get(tol.metric), stored.get(tol.metric)
+        if now is None or then is None:
+            continue
+        if abs(now - then) > tol.allowed(then) or now != now:
+            reasons.append(
+                f"{tol.metric} {now:.4g} vs baseline {then:.4g} for {label}: "
+                f"moved {abs(now - then):.3g} > {tol.allowed(then):.3g} allowed"
+            )
+    stored_greedy = baseline["greedy"]
+    differ = [i for i, (a, b) in enumerate(zip(greedy, stored_greedy, strict=False)) if a != b]
+    if len(greedy) != len(stored_greedy) or len(differ) > GREEDY_PROMPTS_ALLOWED_TO_DIFFER:
+        where = ", ".join(
+            f"prompt {i} at token {next(j for j, (x, y) in enumerate(zip(greedy[i], stored_greedy[i])) if x != y)}"
+            for i in differ[:3]
+            if len(greedy[i]) == len(stored_greedy[i])
+        )
+        reasons.append(f"greedy continuation differs from the baseline's for {label}: {where or 'length changed'}")
+    return reasons
+
+
+def judge(quality_reasons: list[str], regression_reasons: list[str], refused: list[str], lenient: bool) -> Verdict:
+    if refused:
+        status = DRIFT if quality_reasons else SKIPPED if lenient else ERROR
+        fix = "" if lenient else " (re-create it with `qbench baseline update`, or pass --lenient to skip)"
+        return Verdict(status, quality_reasons + [f"baseline not comparable: {r}{fix}" for r in refused])
+    if regression_reasons:
+        return Verdict(REGRESSION, regression_reasons + quality_reasons)
+    if quality_reasons:
+        return Verdict(DRIFT, quality_reasons)
+    return Verdict(PASS, [])

@@ -1,0 +1,68 @@
+"""What a case runs: the evaluation text for quality, fixed prompts and lengths for speed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qbench.errors import UsageError
+from qbench.models.zoo import EVAL_TEXT, PROMPTS
+
+
+@dataclass(frozen=True)
+class Workload:
+    eval_text: Path = field(default=EVAL_TEXT, metadata={"help": "UTF-8 text scored for perplexity and KLD"})
+    prompts: Path = field(default=PROMPTS, metadata={"help": "JSON prompt set for greedy agreement"})
+    # 128: glm-tiny's training length (RoPE positions beyond it were never trained). llama.cpp's perplexity
+    # tool uses 512 by default; pass --window 512 or more for real GLMs.
+    window: int = field(default=128, metadata={"help": "tokens per scoring window"})
+    max_positions: int = field(default=4096, metadata={"help": "at most this many scored positions"})
+    top_k: int = field(default=64, metadata={"help": "reference top-k kept per position"})
+    greedy_tokens: int = field(default=24, metadata={"help": "greedy continuation length per prompt"})
+    context: int = field(default=128, metadata={"help": "prompt tokens for the speed test"})
+    new_tokens: int = field(default=32, metadata={"help": "tokens generated per speed run (exactly)"})
+    repeat: int = field(default=3, metadata={"help": "timed speed runs"})
+    warmup: int = field(default=1, metadata={"help": "untimed speed runs before them"})
+
+    def __post_init__(self) -> None:
+        for name in ("window", "max_positions", "top_k", "greedy_tokens", "context", "new_tokens", "repeat"):
+            if getattr(self, name) < 1:
+                flag = name.replace("_", "-")
+                raise UsageError(f"--{flag} {getattr(self, name)}: must be a positive integer")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup {self.warmup}: must be 0 or more")
+
+    def text(self) -> str:
+        return read_text(self.eval_text)
+
+    def prompt_set(self) -> dict:
+        try:
+            data = json.loads(read_text(self.prompts))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"prompt set {self.prompts}: not valid JSON ({e}); fix the file") from None
+        if not isinstance(data, dict) or not isinstance(data.get("text"), list) or not data["text"]:
+            raise UsageError(f"prompt set {self.prompts}: needs a non-empty list under 'text'")
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the numbers: the texts and the settings that shape the scoring."""
+        h = hashlib.sha256()
+        h.update(self.eval_text.read_bytes())
+        h.update(self.prompts.read_bytes())
+        settings = {k: v for k, v in asdict(self).items() if k not in ("eval_text", "prompts", "repeat", "warmup")}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+
+def read_text(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file; pass an existing UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the file is empty; pass a text with at least a few hundred tokens")
+    return text

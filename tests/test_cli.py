@@ -1,0 +1,106 @@
+"""The CLI's contract: bad input is one line naming the problem and the fix, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qbench.cli import EXIT_USAGE, main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def unsupported_dir(tmp_path):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["run", "--model", "/no/such/dir"], "no such directory"),
+        (["run", "--method", "nf5"], "unknown method; choose from bf16"),
+        (["run", "--new-tokens", "0"], "0 must be at least 1"),
+        (["run", "--context", "-3"], "-3 must be at least 1"),
+        (["run", "--repeat", "x"], "'x' is not an integer"),
+        (["run", "--eval-text", "/no/such/file.txt"], "no such file"),
+        (["run", "--device", "tpu"], "qbench runs on cpu or cuda"),
+        (["zoo", "path", "glm-huge"], "unknown zoo model; choose from glm-tiny"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, expect):
+    code, out, err = _run(capsys, *argv)
+    assert code == EXIT_USAGE
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expect in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_directory_without_config(capsys, tmp_path):
+    code, _, err = _run(capsys, "run", "--model", str(tmp_path))
+    assert code == EXIT_USAGE
+    assert "no config.json there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unsupported_model_type(capsys, unsupported_dir):
+    code, _, err = _run(capsys, "run", "--model", str(unsupported_dir))
+    assert code == EXIT_USAGE
+    assert "model_type 'llama' is not supported; qbench runs glm (GlmForCausalLM)" in err
+
+
+def test_non_utf8_eval_text(capsys, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    code, _, err = _run(capsys, "run", "--eval-text", str(bad))
+    assert code == EXIT_USAGE
+    assert "not UTF-8" in err and "convert it to UTF-8" in err
+
+
+def test_cuda_requested_without_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible, so --device cuda is valid here")
+    code, _, err = _run(capsys, "run", "--device", "cuda")
+    assert code == EXIT_USAGE
+    assert "no CUDA device is visible here; use --device cpu" in err
+
+
+def test_bad_input_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text("keep me")
+    code, _, _ = _run(capsys, "run", "--method", "nf5", "--json", str(out))
+    assert code == EXIT_USAGE
+    assert out.read_text() == "keep me"
+
+
+def test_zoo_and_methods_listing(capsys):
+    code, out, _ = _run(capsys, "zoo", "list")
+    assert code == 0 and "glm-tiny" in out and "Glm4MoeForCausalLM" in out
+    code, out, _ = _run(capsys, "zoo", "path", "glm-tiny")
+    assert code == 0 and out.strip().endswith("glm-tiny")
+    code, out, _ = _run(capsys, "methods")
+    names = [line.split()[0] for line in out.strip().splitlines()]
+    assert {"bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8"} <= set(names)
+
+
+def test_console_script_usage_error_has_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "qbench", "run", "--model", "/no/such/dir"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == EXIT_USAGE
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console, err = Console(), Console(stderr=True)
+    for c in (console, err):  # logs and CI: rich would wrap the table at 80 columns
+        if not c.is_terminal:
+            c.width = 150
     quiet_libraries()
     try:
         if args.cmd in ("run", "baseline"):

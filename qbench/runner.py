@@ -140,7 +140,7 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
     model = _load(method, ctx, cfg.device, method.default_compute_dtype)
     progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
     ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
-    ctx.reference_greedy = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
+    ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
     _free(model)
 
 
@@ -163,7 +163,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         for logp, targets in iter_logprobs(model, ctx.eval_ids, wl.window):
             acc.update(logp, targets)
         quality = acc.result()
-        greedy = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
+        greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
         quality.update(greedy_agreement(ctx.reference_greedy, greedy))
         if ctx.prompts.get("addition"):
             quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
@@ -179,6 +179,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         "footprint": footprint,
         "quality": quality,
         "greedy": greedy,
+        "greedy_margins": margins,
         "perf": perf,
         "memory": {
             "peak_load_bytes": load_mem.peak_bytes,
@@ -204,6 +205,7 @@ def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
         "libraries": qenv.library_versions(),
         "quality": {k: m["quality"][k] for k in keep if k in m["quality"]},
         "greedy": m["greedy"],
+        "greedy_margins": m["greedy_margins"],
         "footprint": m["footprint"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -229,7 +231,7 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
                         f"--method {case.method} --device {case.device}`")
         return verdict.status, verdict.reasons + [info["note"]], info
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
-    r_reasons = [] if refused else regression_gate(m["quality"], m["greedy"], baseline, label)
+    r_reasons = [] if refused else regression_gate(m["quality"], m["greedy"], m["greedy_margins"], baseline, label)
     info["compared"] = not refused
     verdict = judge(q_reasons, r_reasons, refused, cfg.lenient)
     if verdict.status in FAILING:
@@ -281,7 +283,8 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
                 cases_out.append(_error_result(case, e))
                 progress(case.id, f"error: {cases_out[-1]['reasons'][0]}")
                 continue
-            m.pop("greedy")
+            m["greedy_ids"] = m.pop("greedy")
+            m.pop("greedy_margins")
             cases_out.append({**_case_fields(case), "status": status, "reasons": reasons, **m,
                               "estimate": {"predicted_peak_bytes": None,
                                            "note": "pre-flight estimate not implemented yet"},

@@ -37,7 +37,8 @@ def unsupported_dir(tmp_path):
         (["run", "--context", "-3"], "-3 must be at least 1"),
         (["run", "--repeat", "x"], "'x' is not an integer"),
         (["run", "--eval-text", "/no/such/file.txt"], "no such file"),
-        (["run", "--device", "tpu"], "qbench runs on cpu or cuda"),
+        (["run", "--device", "tpu"], "not a device; use cpu, cuda or cuda:N"),
+        (["run", "--device", "meta"], "qbench runs on cpu or cuda"),
         (["zoo", "path", "glm-huge"], "unknown zoo model; choose from glm-tiny"),
     ],
 )

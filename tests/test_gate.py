@@ -60,7 +60,7 @@ def test_planted_scale_error_is_a_regression_and_baseline_is_kept(root, monkeypa
     monkeypatch.setitem(registry._REGISTRY, "bnb-nf4", _ScaledNF4())
     case = _only(run_cases(_cfg(root)))
     assert case["status"] == "regression", case["reasons"]
-    assert any("vs baseline" in r for r in case["reasons"])
+    assert any("vs baseline" in r for r in case["reasons"]), case["reasons"]
     assert path.read_bytes() == before
     obtained = path.with_name(store.OBTAINED_FILE)
     assert obtained.is_file()

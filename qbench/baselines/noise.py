@@ -29,7 +29,7 @@ def measure(methods: list[str], threads: list[int], repeats: int, model: str = "
                 for tol in REGRESSION_TOLERANCES:
                     if tol.metric in c.get("quality", {}):
                         seen[c["method"]][tol.metric].append(c["quality"][tol.metric])
-                greedy[c["method"]].add(str(c.get("quality", {}).get("first_divergence_per_prompt")))
+                greedy[c["method"]].add(str(c.get("greedy_ids")))
     return {"values": seen, "greedy_variants": {k: len(v) for k, v in greedy.items()}}
 
 
@@ -50,7 +50,7 @@ def main() -> None:
             spread = max(vals) - min(vals)
             print(f"{method:12} {metric:18} n={len(vals)} spread {spread:.3g} "
                   f"(values {min(vals):.5g}..{max(vals):.5g}; allowed {tols[metric].allowed(vals[0]):.3g})")
-        print(f"{method:12} greedy divergence patterns seen: {out['greedy_variants'][method]}")
+        print(f"{method:12} distinct greedy continuations seen: {out['greedy_variants'][method]}")
 
 
 if __name__ == "__main__":

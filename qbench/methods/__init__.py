@@ -10,8 +10,9 @@ import pkgutil
 
 from qbench.methods.registry import DTYPES, LoadRequest, Method, get, names, register, torch_dtype
 
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "registry":
-        importlib.import_module(f"{__name__}.{_mod.name}")
+# References first, so listings and error messages start with the unquantized methods.
+for _name in sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda n: (n != "reference", n)):
+    if _name != "registry":
+        importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["DTYPES", "LoadRequest", "Method", "get", "names", "register", "torch_dtype"]

@@ -6,6 +6,7 @@ embeddings and norms stay in the compute dtype.
 
 from __future__ import annotations
 
+from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
 from qbench.models.loading import load_causal_lm
 
@@ -28,6 +29,7 @@ class _Bnb(Method):
 
 
 class _Bnb4bit(_Bnb):
+    quality_bounds = FOUR_BIT
     quant_type = "nf4"
     double_quant = False
 
@@ -66,6 +68,7 @@ class FP4(_Bnb4bit):
 class Int8(_Bnb):
     name = "bnb-int8"
     description = "bitsandbytes LLM.int8(): row-wise int8 with fp16 outlier columns (threshold 6.0)"
+    quality_bounds = EIGHT_BIT
 
     def config(self, compute_dtype):
         from transformers import BitsAndBytesConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qbench.methods.bounds import UNQUANTIZED
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
 from qbench.models.loading import load_causal_lm
 
@@ -9,6 +10,7 @@ from qbench.models.loading import load_causal_lm
 class _Reference(Method):
     family = "reference"
     quantized = False
+    quality_bounds = UNQUANTIZED
 
     def load(self, req: LoadRequest):
         return load_causal_lm(req.path, req.device, torch_dtype(self.default_compute_dtype))

@@ -88,7 +88,10 @@ def write_eval_material(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "eval.txt").write_text(corpus.text(EVAL_SEED, 700), encoding="utf-8")
     prompts = {
-        "text": ["the small cat", "some happy children", "今天小狗", "我们在学校", "a robot carries"],
+        "text": [
+            "the small cat", "some happy children", "a robot carries", "every farmer", "these old dogs",
+            "one bird watches", "今天小狗", "我们在学校", "昨天老师", "孩子在河边", "机器人买了", "12+", "58+3",
+        ],
         "addition": [{"prompt": p, "answer": a} for p, a in corpus.addition_prompts(PROMPT_SEED, 50)],
     }
     (data_dir / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=1) + "\n", "utf-8")

@@ -13,13 +13,21 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def continuations(model, tokenizer, prompts: list[str], n: int) -> list[list[int]]:
-    """Exactly ``n`` greedy token ids after each prompt (EOS ignored)."""
-    out = []
+def continuations(model, tokenizer, prompts: list[str], n: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Exactly ``n`` greedy token ids after each prompt (EOS ignored), and the top-1/top-2 log-prob margin
+    at each generated position. A small margin marks a near-tie, where a divergence is rounding, not change.
+    """
+    out, margins = [], []
     for p in prompts:
         ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]], device=_device(model))
-        out.append(greedy_generate(model, ids, n).tokens[0])
-    return out
+        gen = greedy_generate(model, ids, n).tokens[0]
+        with torch.inference_mode():
+            full = torch.cat([ids, torch.tensor([gen[:-1]], device=ids.device)], dim=1)
+            logits = model(input_ids=full).logits[0, ids.shape[1] - 1 :].float()
+        top2 = torch.log_softmax(logits, -1).topk(2, dim=-1).values
+        out.append(gen)
+        margins.append([round(m, 4) for m in (top2[:, 0] - top2[:, 1]).tolist()])
+    return out, margins
 
 
 def addition_accuracy(model, tokenizer, items: list[dict], answer_tokens: int = 4) -> float:

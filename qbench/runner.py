@@ -28,7 +28,15 @@ from qbench.models import zoo
 from qbench.models.loading import load_tokenizer
 from qbench.quality import tasks
 from qbench.quality.drift import DriftAccumulator, Reference, build_reference, greedy_agreement, iter_logprobs
-from qbench.verdict import ERROR, FAILING, fingerprint_mismatches, judge, quality_gate, regression_gate
+from qbench.verdict import (
+    ERROR,
+    FAILING,
+    fingerprint_mismatches,
+    integrity_gate,
+    judge,
+    quality_gate,
+    regression_gate,
+)
 from qbench.workload import Workload
 
 RESULTS_SCHEMA = "qbench.results/1"
@@ -155,6 +163,14 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     load_s = time.perf_counter() - t0
     quantized = method.quantized_modules(model)
     footprint = {"weights_bytes": weights_bytes(model), "quantized_modules": len(quantized)}
+    head = model.get_output_embeddings()
+    checks = {
+        "left_unquantized": method.left_unquantized(model),
+        "lm_head": type(head).__name__,
+        "lm_head_full_precision": type(head) is torch.nn.Linear and head.weight.is_floating_point(),
+        "observed_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "expected_dtype": str(methods.torch_dtype(case.compute_dtype)).removeprefix("torch."),
+    }
 
     progress(case.id, f"scoring {ctx.eval_ids.numel() - 1} positions")
     t0 = time.perf_counter()
@@ -165,6 +181,10 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         quality = acc.result()
         greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
         quality.update(greedy_agreement(ctx.reference_greedy, greedy))
+        checks["degenerate"] = {
+            i: why for i, (ours, ref) in enumerate(zip(greedy, ctx.reference_greedy, strict=True))
+            if (why := tasks.degenerate(ctx.tokenizer, ours)) and not tasks.degenerate(ctx.tokenizer, ref)
+        }
         if ctx.prompts.get("addition"):
             quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
     score_s = time.perf_counter() - t0
@@ -177,6 +197,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     _free(model)
     return {
         "footprint": footprint,
+        "checks": checks,
         "quality": quality,
         "greedy": greedy,
         "greedy_margins": margins,
@@ -214,15 +235,18 @@ def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
 def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[str, list[str], dict]:
     method = methods.get(case.method)
     label = f"{case.method} on {case.model}"
-    q_reasons = quality_gate(m["quality"], method.quality_bounds, label)
+    q_reasons = integrity_gate(m["checks"], method.quantized, label) + quality_gate(
+        m["quality"], method.quality_bounds, label
+    )
     record = baseline_record(case, ctx, m)
     baseline = store.load(cfg.baselines, case)
     info = {"path": str(store.case_dir(cfg.baselines, case) / store.BASELINE_FILE), "compared": False}
     if cfg.update_baselines:
-        old = baseline["quality"] if baseline else {}
+        old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline else {}
         store.write(cfg.baselines, case, record)
         store.discard_obtained(cfg.baselines, case)
-        info["updated"] = {k: [old.get(k), v] for k, v in record["quality"].items() if old.get(k) != v}
+        new = {**record["quality"], "weights_bytes": record["footprint"]["weights_bytes"]}
+        info["updated"] = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
         verdict = judge(q_reasons, [], [], cfg.lenient)
         return verdict.status, verdict.reasons, info
     if baseline is None:
@@ -231,7 +255,7 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
                         f"--method {case.method} --device {case.device}`")
         return verdict.status, verdict.reasons + [info["note"]], info
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
-    r_reasons = [] if refused else regression_gate(m["quality"], m["greedy"], m["greedy_margins"], baseline, label)
+    r_reasons = [] if refused else regression_gate(m, baseline, label)
     info["compared"] = not refused
     verdict = judge(q_reasons, r_reasons, refused, cfg.lenient)
     if verdict.status in FAILING:

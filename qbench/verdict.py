@@ -58,6 +58,24 @@ def quality_gate(quality: dict, bounds: tuple[Bound, ...], label: str) -> list[s
     return reasons
 
 
+def integrity_gate(checks: dict, quantized: bool, label: str) -> list[str]:
+    """Did the case run what it claims: quantization applied everywhere it should, lm_head kept in full
+    precision, the declared compute dtype, and output that is not degenerate where the reference's is not."""
+    reasons = []
+    left = checks.get("left_unquantized") or []
+    if quantized and left:
+        reasons.append(f"quantization did not take effect on {len(left)} module(s) for {label}: {', '.join(left[:3])}")
+    if not checks.get("lm_head_full_precision", True):
+        reasons.append(f"lm_head is quantized ({checks['lm_head']}) for {label}; it must stay in full precision")
+    if checks.get("observed_dtype") != checks.get("expected_dtype"):
+        reasons.append(
+            f"{label} computes in {checks.get('observed_dtype')} but the case declares {checks.get('expected_dtype')}"
+        )
+    for i, why in (checks.get("degenerate") or {}).items():
+        reasons.append(f"degenerate output for prompt {i} ({why}) for {label}; the reference's is not")
+    return reasons
+
+
 def fingerprint_mismatches(current: dict, stored: dict) -> list[str]:
     return [
         f"{k} fingerprint {stored.get(k)} in the baseline, {current.get(k)} now"
@@ -89,9 +107,9 @@ def greedy_changes(greedy: list[list[int]], margins: list[list[float]], baseline
     return out
 
 
-def regression_gate(quality: dict, greedy: list[list[int]], margins: list[list[float]], baseline: dict,
-                    label: str) -> list[str]:
-    reasons = []
+def regression_gate(m: dict, baseline: dict, label: str) -> list[str]:
+    """Changes against the stored baseline of the same case beyond measured noise."""
+    quality, reasons = m["quality"], []
     stored = baseline["quality"]
     for tol in REGRESSION_TOLERANCES:
         now, then = quality.get(tol.metric), stored.get(tol.metric)
@@ -102,7 +120,11 @@ def regression_gate(quality: dict, greedy: list[list[int]], margins: list[list[f
                 f"{tol.metric} {now:.4g} vs baseline {then:.4g} for {label}: "
                 f"moved {abs(now - then):.3g} > {tol.allowed(then):.3g} allowed"
             )
-    changed = greedy_changes(greedy, margins, baseline)
+    # Weight bytes are a pure function of the checkpoint and the method: any change is real.
+    now_b, then_b = m["footprint"]["weights_bytes"], baseline.get("footprint", {}).get("weights_bytes")
+    if then_b is not None and now_b != then_b:
+        reasons.append(f"weights take {now_b:,} bytes vs {then_b:,} in the baseline for {label}")
+    changed = greedy_changes(m["greedy"], m["greedy_margins"], baseline)
     if changed:
         reasons.append(f"greedy continuation differs from the baseline's for {label}: {'; '.join(changed[:3])}")
     return reasons

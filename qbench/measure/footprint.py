@@ -3,6 +3,10 @@
 ``model.get_memory_footprint()`` counts parameters and buffers only; bitsandbytes keeps its block scales
 (``quant_state.absmax``, the nested double-quant state, the code book) and LLM.int8's row scales (``SCB``)
 as attributes of the parameter, so they are added here.
+
+Code books (``quant_map``, ``nested_quant_map``: 16- or 256-entry lookup tables) are counted once per distinct content: whether bitsandbytes
+hands two layers the same table object or two equal copies depends on its caches (seen: 4 or 16 distinct
+double-quant tables for the same glm-tiny load, 4 KB apart), and the footprint must not depend on that.
 """
 
 from __future__ import annotations
@@ -15,20 +19,23 @@ def _tensor_bytes(t) -> int:
 def weights_bytes(model) -> int:
     import torch
 
-    seen: set[int] = set()
+    seen: set = set()
     total = 0
 
-    def add(t) -> None:
+    def add(t, code_book: bool = False) -> None:
         nonlocal total
-        if torch.is_tensor(t) and id(t) not in seen and t.device.type != "meta":
-            seen.add(id(t))
+        if not torch.is_tensor(t) or t.device.type == "meta":
+            return
+        key = (t.dtype, tuple(t.shape), tuple(t.flatten().tolist())) if code_book else id(t)
+        if key not in seen:
+            seen.add(key)
             total += _tensor_bytes(t)
 
     for p in list(model.parameters()) + list(model.buffers()):
         add(p)
         state = getattr(p, "quant_state", None)
         if state is not None:
-            for v in state.as_dict(packed=False).values():
-                add(v)
+            for k, v in state.as_dict(packed=False).items():
+                add(v, code_book=k.endswith("quant_map"))
         add(getattr(p, "SCB", None))
     return total

@@ -27,6 +27,12 @@ class _Bnb(Method):
         kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
         return [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
 
+    def left_unquantized(self, model) -> list[str]:
+        import torch
+
+        head = model.get_output_embeddings()
+        return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
+
 
 class _Bnb4bit(_Bnb):
     quality_bounds = FOUR_BIT

@@ -54,6 +54,10 @@ class Method:
         """Names of the modules this method replaced with quantized ones (empty for references)."""
         return []
 
+    def left_unquantized(self, model: PreTrainedModel) -> list[str]:
+        """Names of modules this method should have quantized but that are still plain full-precision ones."""
+        return []
+
 
 _REGISTRY: dict[str, Method] = {}
 

@@ -14,20 +14,38 @@ def _device(model) -> torch.device:
 
 
 def continuations(model, tokenizer, prompts: list[str], n: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Exactly ``n`` greedy token ids after each prompt (EOS ignored), and the top-1/top-2 log-prob margin
-    at each generated position. A small margin marks a near-tie, where a divergence is rounding, not change.
+    """Exactly ``n`` new token ids per prompt from ``model.generate`` with the model's own generation config
+    (EOS ignored: min = max new tokens), as a user calling ``generate`` gets them; and the top-1/top-2 log-prob
+    margin at each generated position. A small margin marks a near-tie, where a divergence is rounding.
+
+    If the generation config turns sampling on, the continuations stop being reproducible, and the gate sees
+    it as changed output.
     """
     out, margins = [], []
     for p in prompts:
         ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]], device=_device(model))
-        gen = greedy_generate(model, ids, n).tokens[0]
         with torch.inference_mode():
-            full = torch.cat([ids, torch.tensor([gen[:-1]], device=ids.device)], dim=1)
-            logits = model(input_ids=full).logits[0, ids.shape[1] - 1 :].float()
+            full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  pad_token_id=tokenizer.pad_token_id or 0)
+            gen = full[0, ids.shape[1]:].tolist()
+            logits = model(input_ids=full[:, :-1]).logits[0, ids.shape[1] - 1 :].float()
         top2 = torch.log_softmax(logits, -1).topk(2, dim=-1).values
         out.append(gen)
         margins.append([round(m, 4) for m in (top2[:, 0] - top2[:, 1]).tolist()])
     return out, margins
+
+
+def degenerate(tokenizer, ids: list[int]) -> str | None:
+    """Why a continuation is degenerate (empty, one token or one character repeated), or None."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not text.strip():
+        return "empty output"
+    if len(ids) > 3 and len(set(ids)) == 1:
+        return f"one token repeated {len(ids)} times ({text[:8]!r})"
+    chars = set(text.replace(" ", "").replace("\n", ""))
+    if len(text) > 3 and len(chars) == 1:
+        return f"one character repeated ({text[:8]!r})"
+    return None
 
 
 def addition_accuracy(model, tokenizer, items: list[dict], answer_tokens: int = 4) -> float:

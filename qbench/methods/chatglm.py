@@ -1,0 +1,117 @@
+"""ChatGLM's weight-only int8/int4 (``chatglm-int8``, ``chatglm-int4``) for GLM, GLM-4-0414 and GLM-4.5 MoE.
+
+ChatGLM quantizes four linears per layer; their counterparts in transformers' GLM classes are:
+
+| ChatGLM                          | GlmForCausalLM / Glm4ForCausalLM | Glm4MoeForCausalLM                          |
+| -------------------------------- | -------------------------------- | ------------------------------------------- |
+| self_attention.query_key_value   | q_proj, k_proj, v_proj           | q_proj, k_proj, v_proj                      |
+| self_attention.dense             | o_proj                           | o_proj                                      |
+| mlp.dense_h_to_4h (gate + up)    | gate_up_proj                     | gate_proj, up_proj (dense and shared MLPs)  |
+| mlp.dense_4h_to_h                | down_proj                        | down_proj (dense and shared MLPs)           |
+
+Embeddings, norms and lm_head stay in full precision, as in ChatGLM. In GLM-4.5 MoE the router
+(``mlp.gate``, a top-k router, not a linear) stays in full precision because a rounding there changes which
+experts run; the routed experts are fused 3-D tensors in transformers (``Glm4MoeExperts``), not linears, and
+stay in full precision too: the footprint reports the bytes that really remain.
+
+:class:`ChatGLMQuantLinear` keeps ``weight`` (int8; packed two per byte for int4) and ``weight_scale`` under
+ChatGLM's own checkpoint key names, so a ChatGLM quantized checkpoint's tensors load into it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qbench.formats import chatglm as fmt
+from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
+from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.models.loading import load_causal_lm
+
+TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+class ChatGLMQuantLinear(nn.Module):
+    """A linear layer in ChatGLM's weight-only format: dequantize in the scale's dtype, matmul in x's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16, device=None) -> None:
+        super().__init__()
+        if bits not in fmt.BITS:
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        width = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("weight", torch.zeros(out_features, width, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> ChatGLMQuantLinear:
+        w = linear.weight.detach()
+        if bits == 4 and w.shape[1] % 2:
+            raise ValueError(f"cannot pack {w.shape[1]} input features into int4: the width must be even")
+        qweight, scale = fmt.quantize_weight(w, bits)
+        mod = cls(w.shape[1], w.shape[0], bits, linear.bias, dtype=w.dtype, device=w.device)
+        mod.weight.copy_(qweight)
+        mod.weight_scale.copy_(scale)
+        return mod
+
+    def load_quantized(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Take a checkpoint's ``<name>.weight`` and ``<name>.weight_scale`` as they are stored."""
+        if qweight.shape != self.weight.shape or scale.shape != self.weight_scale.shape:
+            raise ValueError(
+                f"quantized tensors of shape {tuple(qweight.shape)} / {tuple(scale.shape)} do not fit a "
+                f"{self.bits}-bit [{self.out_features}, {self.in_features}] layer"
+            )
+        self.weight.copy_(qweight)
+        self.weight_scale = scale.to(self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fmt.linear(x, self.weight, self.weight_scale, self.bits, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def quantize_model(model: nn.Module, bits: int) -> list[str]:
+    """Replace ChatGLM's four projections (see the table above) in place; return the replaced names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and type(child) is nn.Linear:
+                setattr(module, child_name, ChatGLMQuantLinear.from_linear(child, bits))
+                replaced.append(f"{name}.{child_name}" if name else child_name)
+    return replaced
+
+
+class _ChatGLM(Method):
+    family = "chatglm"
+    bits: int
+
+    def load(self, req: LoadRequest):
+        model = load_causal_lm(req.path, req.device, torch_dtype(req.compute_dtype))
+        with torch.no_grad():
+            quantize_model(model, self.bits)
+        return model
+
+    def quantized_modules(self, model) -> list[str]:
+        return [n for n, m in model.named_modules() if isinstance(m, ChatGLMQuantLinear)]
+
+    def left_unquantized(self, model) -> list[str]:
+        return [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in TARGETS]
+
+
+@register
+class ChatGLMInt8(_ChatGLM):
+    name = "chatglm-int8"
+    description = "ChatGLM weight-only int8: symmetric per-row scale, bit-exact with ChatGLM's format"
+    bits = 8
+    quality_bounds = EIGHT_BIT
+
+
+@register
+class ChatGLMInt4(_ChatGLM):
+    name = "chatglm-int4"
+    description = "ChatGLM weight-only int4: per-row scale, two values per byte (even column high nibble)"
+    bits = 4
+    quality_bounds = FOUR_BIT

@@ -1,0 +1,175 @@
+"""Proof that the gate works: planted regressions against the stored glm-tiny baselines all fail the verdict,
+and benign reruns (other thread counts, repeats) all pass.
+
+Each planted regression is a method that behaves like a real failure users have met; it replaces the real
+method in the registry for one case and is judged against the real baseline in ``baselines/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from qbench.baselines import store
+from qbench.case import Case
+from qbench.methods import LoadRequest, registry
+from qbench.methods.bnb import NF4
+from qbench.methods.chatglm import ChatGLMInt4, ChatGLMQuantLinear
+from qbench.runner import RunConfig, judge_case, measure_case, prepare_model, run_cases, score_reference
+from qbench.verdict import FAILING
+from qbench.workload import Workload
+
+
+class SwappedNibbles(ChatGLMInt4):
+    """int4 packed with the odd column in the high nibble (the classic silent packing bug)."""
+
+    def load(self, req: LoadRequest):
+        model = super().load(req)
+        for m in model.modules():
+            if isinstance(m, ChatGLMQuantLinear):
+                p = m.weight.to(torch.int16)
+                m.weight.copy_((((p & 0x0F) << 4) | ((p >> 4) & 0x0F)).to(torch.uint8).view(torch.int8))
+        return model
+
+
+class ScalesTooLarge(NF4):
+    """Every nf4 block scale 2% too large."""
+
+    def load(self, req: LoadRequest):
+        model = super().load(req)
+        for m in model.modules():
+            state = getattr(getattr(m, "weight", None), "quant_state", None)
+            if state is not None:
+                state.absmax.mul_(1.02)
+        return model
+
+
+class _NF4Skip(NF4):
+    skip: list[str]
+
+    def config(self, compute_dtype):
+        cfg = super().config(compute_dtype)
+        cfg.llm_int8_skip_modules = self.skip
+        return cfg
+
+
+class OneLayerUnquantized(_NF4Skip):
+    """One projection silently left in bf16 (a skip list that matches too much)."""
+
+    skip = ["lm_head", "model.layers.1.mlp.down_proj"]
+
+
+class LmHeadQuantized(_NF4Skip):
+    """lm_head quantized too (a skip list that lost the output embedding)."""
+
+    skip = ["nothing"]
+
+
+class FP16Compute(NF4):
+    """The model ends up computing in fp16 while the case (and its baseline) say bf16."""
+
+    def load(self, req: LoadRequest):
+        return super().load(LoadRequest(req.path, req.device, "fp16"))
+
+
+class SamplingOn(NF4):
+    """A generation config that silently switched on sampling."""
+
+    def load(self, req: LoadRequest):
+        model = super().load(req)
+        model.generation_config.do_sample = True
+        model.generation_config.temperature = 1.0
+        model.generation_config.top_k = 0
+        torch.manual_seed(1234)
+        return model
+
+
+PLANTED = {
+    "int4-nibbles-swapped": ("chatglm-int4", SwappedNibbles),
+    "nf4-scales-2pct-large": ("bnb-nf4", ScalesTooLarge),
+    "one-layer-unquantized": ("bnb-nf4", OneLayerUnquantized),
+    "lm-head-quantized": ("bnb-nf4", LmHeadQuantized),
+    "fp16-compute-vs-bf16": ("bnb-nf4", FP16Compute),
+    "sampling-switched-on": ("bnb-nf4", SamplingOn),
+}
+BENIGN = [("bf16", 1), ("bnb-nf4", 1), ("bnb-nf4", 2), ("bnb-int8", 1), ("bnb-int8", 2), ("bnb-fp4", 1),
+          ("bnb-nf4-dq", 2), ("chatglm-int8", 1), ("chatglm-int4", 2), ("fp32", 1)]
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    cfg = RunConfig()
+    c = prepare_model("glm-tiny", cfg)
+    score_reference(c, cfg, lambda *_: None)
+    return cfg, c
+
+
+@pytest.fixture
+def scratch_baselines(tmp_path, ctx):
+    """A copy of the real baselines: planted runs may leave obtained.json; the repo's stay untouched."""
+    cfg, _ = ctx
+    root = tmp_path / "baselines"
+    shutil.copytree(cfg.baselines, root)
+    return root
+
+
+def _verdict(ctx, method: str, root) -> dict:
+    cfg, c = ctx
+    cfg = RunConfig(baselines=root)
+    case = Case("glm-tiny", method, "cpu", registry.get(method).default_compute_dtype)
+    m = measure_case(case, c, cfg, lambda *_: None)
+    status, reasons, _ = judge_case(case, c, m, cfg)
+    return {"status": status, "reasons": reasons}
+
+
+@pytest.mark.drift
+@pytest.mark.parametrize("planted", list(PLANTED))
+def test_planted_regression_fails(planted, ctx, scratch_baselines, monkeypatch):
+    method, cls = PLANTED[planted]
+    monkeypatch.setitem(registry._REGISTRY, method, cls())
+    v = _verdict(ctx, method, scratch_baselines)
+    assert v["status"] in FAILING, f"{planted} was not caught: {v}"
+    print(f"\n{planted}: {v['status']}: {' | '.join(v['reasons'])}")
+
+
+@pytest.mark.drift
+@pytest.mark.parametrize(("method", "threads"), BENIGN, ids=[f"{m}-t{t}" for m, t in BENIGN])
+def test_benign_rerun_passes(method, threads, ctx, scratch_baselines):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        v = _verdict(ctx, method, scratch_baselines)
+    finally:
+        torch.set_num_threads(before)
+    assert v["status"] == "pass", v
+
+
+@pytest.mark.drift
+def test_truncated_eval_text_is_refused(tmp_path, scratch_baselines):
+    from qbench.models.zoo import EVAL_TEXT
+
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    short = tmp_path / "eval-truncated.txt"
+    short.write_text(text[: len(text) // 2], encoding="utf-8")
+    res = run_cases(RunConfig(methods=["bnb-nf4"], baselines=scratch_baselines, workload=Workload(eval_text=short)))
+    (case,) = res["cases"]
+    assert case["status"] == "error" and "workload fingerprint" in " ".join(case["reasons"])
+
+
+@pytest.mark.drift
+def test_baseline_from_another_model_is_refused(tmp_path, scratch_baselines, monkeypatch):
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    small = Workload(max_positions=256, repeat=1, warmup=0, new_tokens=2, context=8)
+    run_cases(RunConfig(models=["glm4-tiny"], methods=["bnb-nf4"], baselines=other, update_baselines=True,
+                        workload=small))
+    # The glm4-tiny baseline, filed where glm-tiny's belongs (a copy-paste or a renamed model directory).
+    dst = scratch_baselines / "glm-tiny" / "bnb-nf4" / "cpu" / store.BASELINE_FILE
+    shutil.copy(other / "glm4-tiny" / "bnb-nf4" / "cpu" / store.BASELINE_FILE, dst)
+    before = dst.read_bytes()
+    res = run_cases(RunConfig(methods=["bnb-nf4"], baselines=scratch_baselines, workload=small))
+    (case,) = res["cases"]
+    assert case["status"] == "error" and "model fingerprint" in " ".join(case["reasons"])
+    assert dst.read_bytes() == before

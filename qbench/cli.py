@@ -62,6 +62,9 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"],
                    help="activation dtype for every method (default: each method's own)")
     g.add_argument("--reference", default="bf16", help="method the drift is measured against (default: bf16)")
+    g.add_argument("--reference-source", choices=["compute", "stored"], default="compute",
+                   help="compute the reference in this run (default), or read it from baselines/ without "
+                        "loading the full-precision model")
     w = p.add_argument_group("workload")
     w.add_argument("--context", type=_positive, default=128, help="prompt tokens for the speed test (default 128)")
     w.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per speed run (default 32)")
@@ -93,6 +96,7 @@ def _run_config(args, update: bool):
         workload=Workload(**wl_kwargs),
         update_baselines=update,
         lenient=args.lenient,
+        reference_source=args.reference_source,
     )
     if args.baselines:
         cfg.baselines = args.baselines

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8")
+DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4")
 
 
 def pytest_addoption(parser) -> None:
@@ -17,6 +17,8 @@ def pytest_addoption(parser) -> None:
     g.addoption("--qbench-model", action="append", help="model for the drift matrix (repeatable; default glm-tiny)")
     g.addoption("--qbench-method", action="append", help="method for the drift matrix (repeatable; default: all)")
     g.addoption("--qbench-device", help="device under test (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
+    g.addoption("--qbench-compute-dtype", action="append", choices=["bf16", "fp16", "fp32"],
+                help="compute dtype axis of the matrix (repeatable; default: each method's own)")
     g.addoption("--qbench-update-baselines", action="store_true", help="rewrite the baselines of the selected cases")
     g.addoption("--qbench-lenient", action="store_true", help="skip cases whose baseline fingerprints do not match")
 
@@ -55,8 +57,16 @@ def pytest_generate_tests(metafunc) -> None:
     models = config.getoption("--qbench-model") or ["glm-tiny"]
     methods = config.getoption("--qbench-method") or list(DRIFT_METHODS)
     device = _device(config)
-    cases = [(spec, Case(model_id(spec), m, device, get(m).default_compute_dtype)) for spec in models for m in methods]
+    cases = [
+        (spec, Case(model_id(spec), m, device, dtype or get(m).default_compute_dtype,
+                    default_dtype=dtype in (None, get(m).default_compute_dtype)))
+        for spec in models for m in methods for dtype in _dtypes(config)
+    ]
     metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
+
+
+def _dtypes(config) -> list[str | None]:
+    return config.getoption("--qbench-compute-dtype") or [None]
 
 
 @pytest.fixture(scope="session")
@@ -70,12 +80,15 @@ def qbench_matrix_results(pytestconfig) -> dict:
     """Results of the whole selected matrix, run once per session: {case id: case result}."""
     from qbench.runner import RunConfig, run_cases
 
-    cfg = RunConfig(
-        models=pytestconfig.getoption("--qbench-model") or ["glm-tiny"],
-        methods=pytestconfig.getoption("--qbench-method") or list(DRIFT_METHODS),
-        device=_device(pytestconfig),
-        update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
-        lenient=pytestconfig.getoption("--qbench-lenient"),
-    )
-    results = run_cases(cfg)
-    return {c["id"]: c for c in results["cases"]}
+    out = {}
+    for dtype in _dtypes(pytestconfig):
+        cfg = RunConfig(
+            models=pytestconfig.getoption("--qbench-model") or ["glm-tiny"],
+            methods=pytestconfig.getoption("--qbench-method") or list(DRIFT_METHODS),
+            device=_device(pytestconfig),
+            compute_dtype=dtype,
+            update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
+            lenient=pytestconfig.getoption("--qbench-lenient"),
+        )
+        out.update({c["id"]: c for c in run_cases(cfg)["cases"]})
+    return out

@@ -17,6 +17,7 @@ import torch
 
 from qbench import env as qenv
 from qbench import methods
+from qbench.baselines import reference as stored_reference
 from qbench.baselines import store
 from qbench.baselines.fingerprint import model_fingerprint, tokenizer_fingerprint
 from qbench.case import Case, device_class
@@ -26,7 +27,7 @@ from qbench.measure.memory import track_peak
 from qbench.measure.timing import measure_speed
 from qbench.models import zoo
 from qbench.models.loading import load_tokenizer
-from qbench.quality import tasks
+from qbench.quality import layers, tasks
 from qbench.quality.drift import DriftAccumulator, Reference, build_reference, greedy_agreement, iter_logprobs
 from qbench.verdict import (
     ERROR,
@@ -54,6 +55,10 @@ class RunConfig:
     baselines: Path = field(default_factory=store.default_root)
     update_baselines: bool = False
     lenient: bool = False
+    reference_source: str = "compute"  # "compute": load the reference model; "stored": use baselines/
+
+    def reference_dir(self, ctx: ModelContext) -> Path:
+        return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
 
     def validate(self) -> None:
         """Everything that can be checked before any model is loaded, so bad input costs nothing."""
@@ -61,6 +66,10 @@ class RunConfig:
             methods.get(name)
         if self.compute_dtype is not None:
             methods.torch_dtype(self.compute_dtype)
+        if self.reference_source not in ("compute", "stored"):
+            raise UsageError(f"--reference-source {self.reference_source}: choose compute or stored")
+        if self.reference_source == "stored" and self.update_baselines:
+            raise UsageError("baseline update recomputes the reference; drop --reference-source stored")
         check_device(self.device)
         self.workload.text()
         self.workload.prompt_set()
@@ -143,6 +152,10 @@ def _load(method: methods.Method, ctx: ModelContext, device: str, dtype: str):
 
 
 def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
+    if cfg.reference_source == "stored":
+        progress(f"{ctx.name} reference", f"reading {cfg.reference_dir(ctx)}")
+        ctx.reference, ctx.reference_greedy = stored_reference.load(cfg.reference_dir(ctx), ctx.fingerprints)
+        return
     method = methods.get(cfg.reference)
     progress(f"{ctx.name} reference", f"loading {cfg.reference}")
     model = _load(method, ctx, cfg.device, method.default_compute_dtype)
@@ -150,6 +163,8 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
     ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
     _free(model)
+    if cfg.update_baselines:
+        stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)
 
 
 def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progress) -> dict:
@@ -185,6 +200,9 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             i: why for i, (ours, ref) in enumerate(zip(greedy, ctx.reference_greedy, strict=True))
             if (why := tasks.degenerate(ctx.tokenizer, ours)) and not tasks.degenerate(ctx.tokenizer, ref)
         }
+        if quantized:
+            first_window = ctx.eval_ids[: wl.window][None]
+            quality.update(layers.summarize(layers.layer_errors(model, quantized, ctx.path, first_window)))
         if ctx.prompts.get("addition"):
             quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
     score_s = time.perf_counter() - t0
@@ -294,6 +312,8 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
         ]
         try:
             score_reference(ctx, cfg, progress)
+        except UsageError:
+            raise
         except Exception as e:  # the reference failed: every case of this model is an error, the run goes on
             cases_out += [_error_result(c, e) for c in cases]
             continue
@@ -318,7 +338,7 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
         "schema": RESULTS_SCHEMA,
         "env": qenv.collect(cfg.device),
         "config": {"models": cfg.models, "methods": cfg.methods, "device": cfg.device, "reference": cfg.reference,
-                   "compute_dtype": cfg.compute_dtype,
+                   "reference_source": cfg.reference_source, "compute_dtype": cfg.compute_dtype,
                    "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()}},
         "wall_s": time.time() - started,
         "cases": cases_out,

@@ -66,3 +66,22 @@ def test_moe_router_and_fused_experts_stay_full_precision(tmp_path, monkeypatch)
     moe = model.model.layers[1].mlp
     assert moe.experts.gate_up_proj.dtype == torch.bfloat16
     assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+def test_layer_errors_point_at_the_broken_layer():
+    from qbench.quality.layers import layer_errors, summarize
+
+    path = zoo.resolve("glm-tiny")
+    method = methods.get("chatglm-int8")
+    model = method.load(methods.LoadRequest(path, "cpu", "bf16"))
+    names = method.quantized_modules(model)
+    ids = torch.arange(3, 67)[None]
+    healthy = layer_errors(model, names, path, ids)
+    assert set(healthy) == set(names)
+    # int8 per-row rounding: relative error ~ step/sqrt(12)/rms ≈ 1e-2 at most for these weights; measured ≤ 0.006.
+    assert max(healthy.values()) < 0.02
+    broken = "model.layers.2.mlp.down_proj"
+    dict(model.named_modules())[broken].weight_scale.mul_(1.5)  # planted: one layer's scales 50% too large
+    errs = layer_errors(model, names, path, ids)
+    assert summarize(errs)["layer_rel_err_worst"][0][0] == broken
+    assert errs[broken] > 0.4

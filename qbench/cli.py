@@ -48,6 +48,10 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive(part) for part in text.split(","))
+
+
 def _add_selection(p: argparse.ArgumentParser) -> None:
     from qbench.runner import DEFAULT_METHODS
 
@@ -66,9 +70,12 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                    help="compute the reference in this run (default), or read it from baselines/ without "
                         "loading the full-precision model")
     w = p.add_argument_group("workload")
-    w.add_argument("--context", type=_positive, default=128, help="prompt tokens for the speed test (default 128)")
+    w.add_argument("--context", type=_positive_list, default=(128,), metavar="N[,N...]",
+                   help="prompt tokens for the speed test; a list sweeps (default 128)")
+    w.add_argument("--batch", type=_positive_list, default=(1,), metavar="B[,B...]",
+                   help="batch size for the speed test; a list sweeps (default 1)")
     w.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per speed run (default 32)")
-    w.add_argument("--repeat", type=_positive, default=3, help="timed speed runs after one warm-up (default 3)")
+    w.add_argument("--repeat", type=_positive, default=5, help="timed speed runs after one warm-up (default 5)")
     w.add_argument("--window", type=_positive, default=128,
                    help="tokens per scoring window (default 128, glm-tiny's training length; use 512+ for real GLMs)")
     w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
@@ -84,7 +91,8 @@ def _run_config(args, update: bool):
     from qbench.runner import DEFAULT_METHODS, RunConfig
     from qbench.workload import Workload
 
-    wl_kwargs = {"context": args.context, "new_tokens": args.new_tokens, "repeat": args.repeat, "window": args.window}
+    wl_kwargs = {"contexts": args.context, "batches": args.batch, "new_tokens": args.new_tokens, "repeat": args.repeat,
+                 "window": args.window}
     if args.eval_text:
         wl_kwargs["eval_text"] = args.eval_text
     cfg = RunConfig(

@@ -22,6 +22,7 @@ from qbench.baselines import store
 from qbench.baselines.fingerprint import model_fingerprint, tokenizer_fingerprint
 from qbench.case import Case, device_class
 from qbench.errors import UsageError
+from qbench.measure.bandwidth import decode_bandwidth
 from qbench.measure.footprint import weights_bytes
 from qbench.measure.memory import track_peak
 from qbench.measure.timing import measure_speed
@@ -122,7 +123,8 @@ def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
     if ids.numel() < 2:
         raise UsageError(f"{wl.eval_text}: fewer than 2 tokens; pass a longer evaluation text")
     eval_ids = ids[: wl.max_positions + 1]
-    speed = ids.repeat((wl.context + ids.numel() - 1) // ids.numel())[: wl.context]
+    longest = max(wl.contexts)
+    speed = ids.repeat((longest + ids.numel() - 1) // ids.numel())[:longest]
     return ModelContext(
         spec=spec,
         name=zoo.model_id(spec),
@@ -207,11 +209,21 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
     score_s = time.perf_counter() - t0
 
-    progress(case.id, f"timing {wl.repeat}× ({wl.context} prompt + {wl.new_tokens} new tokens)")
     t0 = time.perf_counter()
+    sweep = []
     with track_peak(case.device) as run_mem:
-        perf = measure_speed(model, ctx.speed_ids.to(case.device), wl.new_tokens, wl.repeat, wl.warmup)
+        for context in wl.contexts:
+            for batch in wl.batches:
+                progress(case.id, f"timing {wl.repeat}× (batch {batch}, {context} prompt + {wl.new_tokens} new tokens)")
+                ids = ctx.speed_ids[:, :context].expand(batch, -1).contiguous().to(case.device)
+                sweep.append(measure_speed(model, ids, wl.new_tokens, wl.repeat, wl.warmup))
     speed_s = time.perf_counter() - t0
+    perf = {**sweep[0], **({"sweep": sweep} if len(sweep) > 1 else {})}
+    emb = model.get_input_embeddings().weight
+    perf["bandwidth"] = decode_bandwidth(
+        footprint["weights_bytes"], emb.numel() * emb.element_size(), perf["decode_tok_s"]["mean"], perf["batch"],
+        case.device, torch.cuda.get_device_name(case.device) if case.device.startswith("cuda") else "cpu",
+    )
     _free(model)
     return {
         "footprint": footprint,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from qbench.errors import UsageError
@@ -23,16 +24,24 @@ class Workload:
     # the stored reference stays under 1 MB (qbench/baselines/reference.py).
     top_k: int = field(default=32, metadata={"help": "reference top-k kept per position"})
     greedy_tokens: int = field(default=24, metadata={"help": "greedy continuation length per prompt"})
-    context: int = field(default=128, metadata={"help": "prompt tokens for the speed test"})
+    contexts: tuple[int, ...] = field(default=(128,), metadata={"help": "prompt tokens for the speed test (sweep)"})
+    batches: tuple[int, ...] = field(default=(1,), metadata={"help": "batch sizes for the speed test (sweep)"})
     new_tokens: int = field(default=32, metadata={"help": "tokens generated per speed run (exactly)"})
-    repeat: int = field(default=3, metadata={"help": "timed speed runs"})
+    repeat: int = field(default=5, metadata={"help": "timed speed runs"})
     warmup: int = field(default=1, metadata={"help": "untimed speed runs before them"})
 
+    # Settings of the speed test only: they do not change any quality number, so not the fingerprint either.
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("contexts", "batches", "new_tokens", "repeat", "warmup")
+
     def __post_init__(self) -> None:
-        for name in ("window", "max_positions", "top_k", "greedy_tokens", "context", "new_tokens", "repeat"):
+        for name in ("window", "max_positions", "top_k", "greedy_tokens", "new_tokens", "repeat"):
             if getattr(self, name) < 1:
                 flag = name.replace("_", "-")
                 raise UsageError(f"--{flag} {getattr(self, name)}: must be a positive integer")
+        for name, flag in (("contexts", "--context"), ("batches", "--batch")):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                raise UsageError(f"{flag} {','.join(map(str, values))}: every value must be a positive integer")
         if self.warmup < 0:
             raise UsageError(f"--warmup {self.warmup}: must be 0 or more")
 
@@ -53,7 +62,7 @@ class Workload:
         h = hashlib.sha256()
         h.update(self.eval_text.read_bytes())
         h.update(self.prompts.read_bytes())
-        settings = {k: v for k, v in asdict(self).items() if k not in ("eval_text", "prompts", "repeat", "warmup")}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("eval_text", "prompts", *self.SPEED_ONLY)}
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 

@@ -15,7 +15,7 @@ from qbench.runner import RunConfig, run_cases
 from qbench.workload import Workload
 
 # Small workload: enough positions for stable statistics on glm-tiny, short speed runs.
-SMALL = dict(max_positions=1024, greedy_tokens=12, context=16, new_tokens=4, repeat=1, warmup=0)
+SMALL = dict(max_positions=1024, greedy_tokens=12, contexts=(16,), new_tokens=4, repeat=1, warmup=0)
 
 
 def _cfg(root, **kw) -> RunConfig:

@@ -162,7 +162,7 @@ def test_truncated_eval_text_is_refused(tmp_path, scratch_baselines):
 def test_baseline_from_another_model_is_refused(tmp_path, scratch_baselines, monkeypatch):
     monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other"
-    small = Workload(max_positions=256, repeat=1, warmup=0, new_tokens=2, context=8)
+    small = Workload(max_positions=256, repeat=1, warmup=0, new_tokens=2, contexts=(8,))
     run_cases(RunConfig(models=["glm4-tiny"], methods=["bnb-nf4"], baselines=other, update_baselines=True,
                         workload=small))
     # The glm4-tiny baseline, filed where glm-tiny's belongs (a copy-paste or a renamed model directory).

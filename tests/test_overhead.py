@@ -1,0 +1,50 @@
+"""qbench's timing loop costs nothing measurable: its decode tok/s against a bare hand-written loop."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from qbench import methods
+from qbench.measure.timing import measure_speed
+from qbench.models.zoo import GLM_TINY_DIR
+
+NEW_TOKENS = 32
+
+
+def _bare_decode_tok_s(model, ids) -> float:
+    """The simplest greedy loop there is: no stamps, no bookkeeping; timed from the first decode step."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        past = out.past_key_values
+        t0 = time.perf_counter()
+        for _ in range(NEW_TOKENS - 1):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return (NEW_TOKENS - 1) / (time.perf_counter() - t0)
+
+
+@pytest.mark.bench
+def test_decode_overhead_against_bare_loop(benchmark):
+    m = methods.get("bf16")
+    model = m.load(methods.LoadRequest(GLM_TINY_DIR, "cpu", "bf16"))
+    ids = torch.randint(3, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    measure_speed(model, ids, NEW_TOKENS, repeat=1, warmup=1)  # warm both paths' kernels
+    ratios = []
+
+    def pairs():
+        for _ in range(9):  # interleaved, so drift of the machine hits both sides alike
+            ours = measure_speed(model, ids, NEW_TOKENS, repeat=1, warmup=0)["decode_tok_s"]["mean"]
+            ratios.append(ours / _bare_decode_tok_s(model, ids))
+
+    benchmark.pedantic(pairs, rounds=1, iterations=1)
+    ratio = statistics.median(ratios)
+    benchmark.extra_info["qbench_over_bare_decode"] = ratio
+    # The issue's goal is within 2%. On 2 shared cores two identical loops differ by a few percent from run
+    # to run, so the default run asserts 5%; `nox -s bench` (an idle machine) holds it to 2%.
+    assert ratio >= (0.95 if benchmark.disabled else 0.98), ratios

@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     upd = bsub.add_parser("update", help="run the selected cases and rewrite their baselines, printing what changed")
     _add_selection(upd)
     upd.add_argument("--json", type=Path, metavar="PATH", help="also write the results JSON here")
+    rep = sub.add_parser("report", help="render a results JSON: table, Markdown, plot")
+    rep.add_argument("results", type=Path, help="a results JSON written by qbench run --json")
+    rep.add_argument("--markdown", type=Path, metavar="PATH", help="write a Markdown summary (for $GITHUB_STEP_SUMMARY)")
+    rep.add_argument("--plot", type=Path, metavar="PNG", help="quality vs weight memory (and tok/s vs context if swept)")
     sub.add_parser("methods", help="list the registered quantization methods")
     zoo = sub.add_parser("zoo", help="the built-in tiny models")
     zsub = zoo.add_subparsers(dest="zoo_cmd", required=True, parser_class=_Parser)
@@ -207,6 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd in ("run", "baseline"):
             return _execute(args, update=args.cmd == "baseline", console=console, err=err)
+        if args.cmd == "report":
+            from qbench.report import load_results, markdown, print_report
+
+            results = load_results(args.results)
+            print_report(results, console)
+            if args.markdown:
+                args.markdown.write_text(markdown(results), encoding="utf-8")
+            if args.plot:
+                from qbench.plot import plot
+
+                err.print(f"plot written to {plot(results, args.plot)}", highlight=False)
+            return EXIT_OK
         if args.cmd == "methods":
             from qbench import methods
 

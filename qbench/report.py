@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qbench.baselines.store import atomic_write_json
+from qbench.errors import UsageError
 
 STATUS_STYLE = {"pass": "green", "drift": "red", "regression": "red", "error": "bold red", "skipped": "yellow"}
 
@@ -88,15 +89,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines + ([""] + reasons if reasons else [])) + "\n"
 
 
+def load_results(path: Path) -> dict:
+    """A results JSON written by ``qbench run``; anything else is a UsageError naming the problem."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file; pass a results JSON written by `qbench run --json`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); pass a results file written by `qbench run --json`") from None
+    if not isinstance(data, dict) or data.get("schema") != "qbench.results/1" or "cases" not in data:
+        raise UsageError(f"{path}: not a qbench results file (schema {data.get('schema') if isinstance(data, dict) else None!r})")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
 
     p = argparse.ArgumentParser(prog="python -m qbench.report", description="Render a qbench results JSON.")
     p.add_argument("results", type=Path)
     p.add_argument("--markdown", type=Path, help="write a Markdown summary here")
     args = p.parse_args(argv)
-    results = json.loads(args.results.read_text(encoding="utf-8"))
+    results = load_results(args.results)
     if args.markdown:
         args.markdown.write_text(markdown(results), encoding="utf-8")
     else:

@@ -69,3 +69,14 @@ def test_weights_bytes_counts_quantization_side_data():
     side = weights_bytes(model) - plain
     assert absmax <= side <= absmax + 16 * 4 * len(linears)
     assert weights_bytes(model) < fp32 / 2
+
+
+def test_nvml_fallback_names_the_reason():
+    from qbench.measure.memory import start_nvml
+
+    sampler, note = start_nvml("cuda:0")
+    if sampler is not None:
+        sampler.stop()
+        pytest.skip("NVML works on this machine; the fallback path is not reachable")
+    assert note.startswith("NVML unavailable: ")
+    assert len(note) > len("NVML unavailable: ") + 5

@@ -28,7 +28,9 @@ original is well defined. Where it is not, qbench decides:
   (scale 1).
 
 Weights with NaN or inf are refused (``ValueError`` naming the first bad row): the format has no way to store
-them, and quantizing them silently would poison the whole row.
+them, and quantizing them silently would poison the whole row. So are rows whose absmax sits at the very top of
+the dtype's range (e.g. fp16 65504: scale 516, and 127 * 516 = 65532 rounds to inf), whose dequantization would
+overflow (the original's too).
 """
 
 from __future__ import annotations
@@ -122,10 +124,19 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
                 f"w contains NaN/inf at row {row} ({count} row(s) affected); clean the checkpoint or leave this "
                 "layer unquantized: the format cannot store non-finite values"
             )
-        scale = w2.abs().amax(dim=-1) / top  # in w's dtype, as the original
+        absmax = w2.abs().amax(dim=-1)
+        scale = absmax / top  # in w's dtype, as the original
         # All-zero rows (and rows whose absmax / qmax underflows to 0) get scale 1: q = 0, exact zeros back.
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.round(w2 / scale[:, None]).clamp_(-top, top).to(torch.int8)
+        overflow = torch.isinf(q.abs().amax(dim=-1).to(scale.dtype) * scale)  # each row's largest |q| * scale
+        if bool(overflow.any()):
+            row = int(overflow.nonzero()[0, 0])
+            raise ValueError(
+                f"w row {row} has absmax {float(absmax[row])}, at the top of {w.dtype}'s range: q * scale rounds "
+                "past the largest finite value, so dequantizing would give inf; rescale the layer or leave it "
+                "unquantized"
+            )
     if bits == 4:
         q = pack_int4(q, _checked=True)
     q = q.contiguous()
@@ -223,8 +234,9 @@ def _dequant_int4_words(packed: torch.Tensor, out: torch.Tensor) -> bool:
     4. add ``MAGIC + 2**H * (MAGIC + 8)``: each half is now the bit pattern of the float ``BASE + 8 + v``.
     5. subtract ``BASE + 8`` in float (exact: small integers), leaving v itself.
 
-    Five passes over the output and no int8 interleave (stacking bytes is the slow part on CPU). Returns False,
-    having done nothing, where the trick does not apply (other dtypes, big-endian, a misaligned ``out``).
+    Five passes over the output (the caller's scale multiply is the sixth) and no int8 interleave: stacking
+    bytes and int8 → float16 conversion are the slow parts on CPU. Returns False, having done nothing, where the
+    trick does not apply (other dtypes, big-endian, a misaligned ``out``).
     """
     spec = _MAGIC.get(out.dtype)
     if spec is None or sys.byteorder != "little" or out.storage_offset() % 2:

@@ -7,7 +7,8 @@ psutil thread samples RSS every 5 ms instead; it misses peaks shorter than the i
 ``source``.
 
 CUDA: ``torch.cuda.reset_peak_memory_stats`` before the stage, ``max_memory_allocated`` and
-``max_memory_reserved`` after it, around a synchronize.
+``max_memory_reserved`` after it, around a synchronize; and NVML's per-process figure sampled in a thread
+(:class:`NvmlSampler`), which falls back to a recorded reason when NVML cannot be used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class PeakMemory:
     peak_bytes: int = 0
     start_bytes: int = 0
     reserved_bytes: int | None = None  # CUDA: the caching allocator's reserved peak
+    nvml_bytes: int | None = None  # CUDA: this process's device memory as the driver sees it (nvidia-smi's)
+    nvml_note: str | None = None  # why there is no NVML figure, when there is none
     source: str = ""
 
     @property
@@ -70,6 +73,56 @@ class _Sampler(threading.Thread):
         return max(self.peak, self._proc.memory_info().rss)
 
 
+NVML_INTERVAL_S = 0.010
+
+
+class NvmlSampler(threading.Thread):
+    """Polls NVML for this process's memory on one GPU every 10 ms (what nvidia-smi shows: the CUDA context,
+    the caching allocator's reserve and other libraries' allocations). Peaks shorter than the interval can be
+    missed; the allocator figures above cannot miss anything, but see only torch's own allocations."""
+
+    def __init__(self, device_index: int) -> None:
+        super().__init__(daemon=True)
+        import pynvml
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self._stop = threading.Event()
+        self.peak = 0
+
+    def _sample(self) -> None:
+        pid = os.getpid()
+        for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+            if p.pid == pid and p.usedGpuMemory:
+                self.peak = max(self.peak, p.usedGpuMemory)
+
+    def run(self) -> None:
+        while not self._stop.wait(NVML_INTERVAL_S):
+            self._sample()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join()
+        self._sample()
+        return self.peak
+
+
+def start_nvml(device: str) -> tuple[NvmlSampler | None, str | None]:
+    """An NVML sampler for ``device``, or None and the reason (nvidia-ml-py missing, no driver, ...)."""
+    try:
+        import torch
+
+        index = torch.device(device).index
+        sampler = NvmlSampler(torch.cuda.current_device() if index is None else index)
+    except ImportError:
+        return None, "NVML unavailable: nvidia-ml-py is not installed (pip install 'qbench[gpu]')"
+    except Exception as e:
+        return None, f"NVML unavailable: {type(e).__name__}: {e}"
+    sampler.start()
+    return sampler, None
+
+
 class track_peak:
     """``with track_peak(device) as mem: ...`` leaves the stage's peak in ``mem``."""
 
@@ -77,6 +130,7 @@ class track_peak:
         self.device = device
         self.result = PeakMemory()
         self._sampler: _Sampler | None = None
+        self._nvml: NvmlSampler | None = None
 
     def __enter__(self) -> PeakMemory:
         import psutil
@@ -88,6 +142,7 @@ class track_peak:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.result.start_bytes = torch.cuda.memory_allocated(self.device)
             self.result.source = "torch.cuda.max_memory_allocated"
+            self._nvml, self.result.nvml_note = start_nvml(self.device)
             return self.result
         self.result.start_bytes = psutil.Process(os.getpid()).memory_info().rss
         if _reset_vmhwm() and _vmhwm_bytes() is not None:
@@ -105,6 +160,8 @@ class track_peak:
             torch.cuda.synchronize(self.device)
             self.result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
             self.result.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+            if self._nvml is not None:
+                self.result.nvml_bytes = self._nvml.stop()
         elif self._sampler is not None:
             self.result.peak_bytes = self._sampler.stop()
         else:

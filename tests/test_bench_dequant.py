@@ -1,0 +1,93 @@
+"""pytest-benchmark: ChatGLM int4 unpack + dequantize throughput against a plain copy of the same output bytes.
+
+Timed under ``nox -s bench`` (``--benchmark-enable``); in the default run the benchmark is disabled, so the
+dequantization runs once, untimed, and the test only checks its output.
+
+``extra_info["dequant_over_copy"]`` is a throughput ratio: (time of ``out.copy_(ref)`` for a same-shaped tensor
+in the output dtype) / (time of ``dequantize_weight(packed, scale, 4, out=out)``), the median over back-to-back
+pairs so that load drift on a shared machine hits both alike. 1.0 would be "as fast as a copy".
+``dequant_alloc_over_clone`` is the same with a fresh output on both sides (``ref.clone()`` vs no ``out=``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import strategies as S
+import torch
+
+from qbench.formats import chatglm
+
+ROWS = COLS = 4096  # one 4096x4096 layer: 8 MiB packed, 32 MiB of fp16 out
+ROUNDS = 21
+
+# Only checked when timing (benchmark enabled), and only against gross regressions (a Python loop, a per-row
+# kernel): on 2 shared AMD EPYC cores (torch 2.13 CPU, a CPU training job alongside) the medians measured were
+# fp16 0.26-0.29, bf16 0.20-0.26, fp32 0.27-0.28, and 0.09-0.13 for the plain unpack-then-multiply
+# (torch.stack of the nibbles, then an int8 x fp16 multiply). A floor of 0.1 leaves room for a noisier machine.
+MIN_DEQUANT_OVER_COPY = 0.1
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ratio(baseline, candidate, device: str, rounds: int = ROUNDS) -> float:
+    """Median over ``rounds`` of time(baseline) / time(candidate), each pair timed back to back."""
+    baseline()
+    candidate()
+    ratios = []
+    for _ in range(rounds):
+        _sync(device)
+        t0 = time.perf_counter()
+        baseline()
+        _sync(device)
+        t1 = time.perf_counter()
+        candidate()
+        _sync(device)
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ratios)
+
+
+def _expected(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference dequantization by nibble arithmetic (no shifts of signed values, no magic floats): each nibble
+    n in [0, 15] is the int4 value ((n ^ 8) - 8); the product is exact in float64, then rounded once."""
+    b = packed.to(torch.int16) & 0xFF
+    q = torch.empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.int16, device=packed.device)
+    q[:, 0::2] = ((b >> 4) ^ 8) - 8
+    q[:, 1::2] = ((b & 0xF) ^ 8) - 8
+    return (q.double() * scale.double()[:, None]).to(scale.dtype)
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_int4_dequantize_throughput_vs_copy(benchmark, dtype):
+    device = S.test_device()
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(-128, 128, (ROWS, COLS // 2), dtype=torch.int8, generator=g).to(device)
+    scale = (torch.rand(ROWS, generator=g) + 0.5).to(dtype).to(device)
+    out = torch.empty(ROWS, COLS, dtype=dtype, device=device)
+    ref = torch.rand(ROWS, COLS, generator=g).to(dtype).to(device)
+
+    def dequant():
+        chatglm.dequantize_weight(packed, scale, 4, out=out)
+        _sync(device)
+
+    benchmark.pedantic(dequant, rounds=ROUNDS, warmup_rounds=1)  # disabled by default: runs once, untimed
+    assert torch.equal(out, _expected(packed, scale))
+
+    benchmark.extra_info.update(dtype=str(dtype).removeprefix("torch."), shape=[ROWS, COLS], device=device)
+    if benchmark.disabled:
+        return
+    ratio = _median_ratio(lambda: out.copy_(ref), dequant, device)
+    alloc_ratio = _median_ratio(lambda: ref.clone(), lambda: chatglm.dequantize_weight(packed, scale, 4), device)
+    benchmark.extra_info.update(
+        dequant_over_copy=round(ratio, 3),
+        dequant_alloc_over_clone=round(alloc_ratio, 3),
+        threads=torch.get_num_threads(),
+    )
+    assert ratio >= MIN_DEQUANT_OVER_COPY

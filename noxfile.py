@@ -34,8 +34,8 @@ def bench(session: nox.Session) -> None:
     """Time the `bench` tests with pytest-benchmark; results stored per device slug under .benchmarks/."""
     _install(session)
     slug = session.run(
-        "python", "-c", "from qbench.case import device_class; from qbench.env import default_device;"
-        "print(device_class(default_device()))", silent=True,
+        "python", "-c", "from qbench.baselines.perf import device_slug; from qbench.env import default_device;"
+        "print(device_slug(default_device()))", silent=True,
     ).strip()
     session.run(
         "pytest", "-m", "bench", "--benchmark-enable", f"--benchmark-storage=.benchmarks/{slug}",

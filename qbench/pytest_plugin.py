@@ -80,6 +80,11 @@ def qbench_matrix_results(pytestconfig) -> dict:
     """Results of the whole selected matrix, run once per session: {case id: case result}."""
     from qbench.runner import RunConfig, run_cases
 
+    from qbench.workload import Workload
+
+    # The drift gate judges quality; one short speed run keeps the matrix fast (speed settings
+    # are not part of the quality fingerprint, and a perf baseline for other settings is not compared).
+    workload = Workload(repeat=1, warmup=0, new_tokens=4)
     out = {}
     for dtype in _dtypes(pytestconfig):
         cfg = RunConfig(
@@ -87,6 +92,7 @@ def qbench_matrix_results(pytestconfig) -> dict:
             methods=pytestconfig.getoption("--qbench-method") or list(DRIFT_METHODS),
             device=_device(pytestconfig),
             compute_dtype=dtype,
+            workload=workload,
             update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
             lenient=pytestconfig.getoption("--qbench-lenient"),
         )

@@ -17,6 +17,7 @@ import torch
 
 from qbench import env as qenv
 from qbench import methods
+from qbench.baselines import perf as perf_baseline
 from qbench.baselines import reference as stored_reference
 from qbench.baselines import store
 from qbench.baselines.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -277,6 +278,7 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     if cfg.update_baselines:
         old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline else {}
         store.write(cfg.baselines, case, record)
+        perf_baseline.write(store.case_dir(cfg.baselines, case), m["perf"], m["memory"], case.device)
         store.discard_obtained(cfg.baselines, case)
         new = {**record["quality"], "weights_bytes": record["footprint"]["weights_bytes"]}
         info["updated"] = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
@@ -290,6 +292,13 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
     r_reasons = [] if refused else regression_gate(m, baseline, label)
     info["compared"] = not refused
+    stored_perf = perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
+    if stored_perf is None:
+        info["perf_note"] = f"no perf baseline for {perf_baseline.device_slug(case.device)}: speed not gated"
+    elif not refused:
+        p_reasons, info["perf_note"] = perf_baseline.gate(m["perf"], m["memory"], case.device, stored_perf, label)
+        r_reasons += p_reasons
+        info["perf_compared"] = info["perf_note"] is None
     verdict = judge(q_reasons, r_reasons, refused, cfg.lenient)
     if verdict.status in FAILING:
         info["obtained"] = str(store.write(cfg.baselines, case, record, obtained=True))
@@ -325,6 +334,9 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
                  default_dtype=cfg.compute_dtype in (None, methods.get(name).default_compute_dtype))
             for name in cfg.methods
         ]
+        for case in cases:  # a damaged baseline is bad input: say so before any model is loaded
+            store.load(cfg.baselines, case)
+            perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
         try:
             score_reference(ctx, cfg, progress)
         except UsageError:

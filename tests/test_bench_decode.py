@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qbench import methods
-from qbench.case import device_class
+from qbench.baselines.perf import device_slug
 from qbench.measure.timing import greedy_generate
 from qbench.models.zoo import GLM_TINY_DIR
 
@@ -29,7 +29,7 @@ def test_decode_speed(benchmark, method, qbench_device):
     assert len(run.tokens[0]) == NEW_TOKENS
     benchmark.extra_info.update(
         method=method,
-        device=device_class(qbench_device),
+        device=device_slug(qbench_device),
         decode_tok_s=(NEW_TOKENS - 1) / run.decode_s,
         prefill_tok_s=prompt.shape[1] / run.prefill_s,
     )

@@ -1,0 +1,103 @@
+"""Perf baselines and qbench's own perf gate (pytest-benchmark gates only time statistics).
+
+Speed and memory depend on the exact device, not just its class, so a perf baseline is keyed by a device
+slug (``nvidia-h100-80gb-hbm3``, ``cpu-amd-epyc-2c``): ``perf-<slug>.json`` beside the case's quality
+baseline. It is compared only when the speed settings (context, batch, new tokens) match too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from qbench.baselines.store import atomic_write_json
+from qbench.errors import UsageError
+
+SCHEMA = "qbench.perf/1"
+
+# Allowed drop of decode / prefill tok/s against the baseline's mean. Provenance: five back-to-back
+# `qbench run` invocations on the idle 2-core CPU (glm-tiny, bf16 and bnb-nf4, 5 repeats each) spread by
+# up to 8% in decode and 14% in prefill tok/s (short prefills of 128 tokens are the noisiest figure); the
+# bounds are about 2x those spreads. A GPU's run-to-run spread is smaller; the same bounds are used until a
+# GPU measurement gives tighter ones.
+TOK_S_DROP = {"decode_tok_s": 0.20, "prefill_tok_s": 0.30}
+# Allowed growth of the peak memory while generating. CUDA's allocator peaks repeat to the byte for the same
+# shapes; 5% covers a changed workspace heuristic. CPU RSS is a process-wide figure that depends on what ran
+# before in the same process, so it is recorded but not gated.
+PEAK_GROWTH = 0.05
+
+
+def device_slug(device: str) -> str:
+    """The exact device: the GPU's name, or the CPU's model name and core count."""
+    if device.startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = f"cpu {line.split(':', 1)[1]}"
+                    break
+        except OSError:
+            pass
+        name = f"{name} {os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _settings(perf: dict) -> dict:
+    return {k: perf.get(k) for k in ("context", "batch", "new_tokens")}
+
+
+def record(perf: dict, memory: dict, device: str) -> dict:
+    return {
+        "schema": SCHEMA,
+        "slug": device_slug(device),
+        "settings": _settings(perf),
+        **{k: perf[k] for k in TOK_S_DROP},
+        "peak_run_bytes": memory.get("peak_run_bytes"),
+        "memory_source": memory.get("source"),
+    }
+
+
+def path(case_dir: Path, device: str) -> Path:
+    return case_dir / f"perf-{device_slug(device)}.json"
+
+
+def load(case_dir: Path, device: str) -> dict | None:
+    p = path(case_dir, device)
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{p}: corrupt perf baseline ({e}); re-create it with `qbench baseline update`") from None
+    if data.get("schema") != SCHEMA:
+        raise UsageError(f"{p}: schema {data.get('schema')!r}, expected {SCHEMA}; re-create it")
+    return data
+
+
+def write(case_dir: Path, perf: dict, memory: dict, device: str) -> Path:
+    p = path(case_dir, device)
+    atomic_write_json(p, record(perf, memory, device))
+    return p
+
+
+def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> tuple[list[str], str | None]:
+    """(reasons, note): regressions beyond the bounds, or a note saying why nothing was compared."""
+    if baseline["settings"] != _settings(perf):
+        return [], f"perf baseline is for {baseline['settings']}, this run used {_settings(perf)}: not compared"
+    reasons = []
+    for key, drop in TOK_S_DROP.items():
+        now, then = perf[key]["mean"], baseline[key]["mean"]
+        if now < then * (1 - drop):
+            reasons.append(f"{key} {now:.4g} vs baseline {then:.4g} for {label}: "
+                           f"{1 - now / then:.0%} slower > {drop:.0%} allowed")
+    now_b, then_b = memory.get("peak_run_bytes"), baseline.get("peak_run_bytes")
+    if device.startswith("cuda") and now_b and then_b and now_b > then_b * (1 + PEAK_GROWTH):
+        reasons.append(f"peak memory while generating {now_b / 2**20:.1f} MiB vs baseline {then_b / 2**20:.1f} MiB "
+                       f"for {label}: +{now_b / then_b - 1:.0%} > {PEAK_GROWTH:.0%} allowed")
+    return reasons, None

@@ -34,12 +34,21 @@ def bench(session: nox.Session) -> None:
     """Time the `bench` tests with pytest-benchmark; results stored per device slug under .benchmarks/."""
     _install(session)
     slug = session.run(
-        "python", "-c", "from qbench.baselines.perf import device_slug; from qbench.env import default_device;"
-        "print(device_slug(default_device()))", silent=True,
+        "python",
+        "-c",
+        "from qbench.baselines.perf import device_slug; from qbench.env import default_device;"
+        "print(device_slug(default_device()))",
+        silent=True,
     ).strip()
     session.run(
-        "pytest", "-m", "bench", "--benchmark-enable", f"--benchmark-storage=.benchmarks/{slug}",
-        "--benchmark-autosave", *session.posargs, env={"HF_HUB_OFFLINE": "1"},
+        "pytest",
+        "-m",
+        "bench",
+        "--benchmark-enable",
+        f"--benchmark-storage=.benchmarks/{slug}",
+        "--benchmark-autosave",
+        *session.posargs,
+        env={"HF_HUB_OFFLINE": "1"},
     )
 
 
@@ -55,8 +64,15 @@ def lint(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """Property tests under hypothesis' long `fuzz` profile (nightly)."""
     _install(session)
-    session.run("pytest", "-m", "not bench", "tests/test_format_chatglm.py", "tests/test_bnb_roundtrip.py",
-                *session.posargs, env={"HYPOTHESIS_PROFILE": "fuzz", "HF_HUB_OFFLINE": "1"})
+    session.run(
+        "pytest",
+        "-m",
+        "not bench",
+        "tests/test_format_chatglm.py",
+        "tests/test_bnb_roundtrip.py",
+        *session.posargs,
+        env={"HYPOTHESIS_PROFILE": "fuzz", "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @nox.session(name="gpu-bench", default=False)
@@ -75,10 +91,29 @@ def gpu_bench(session: nox.Session) -> None:
         return
     out = os.environ.get("QBENCH_OUT", "qbench-results")
     os.makedirs(out, exist_ok=True)
-    args = list(session.posargs) or ["--method", "bf16", "--method", "bnb-nf4", "--method", "bnb-nf4-dq",
-                                     "--method", "bnb-fp4", "--method", "bnb-int8"]
-    session.run("qbench", "run", "--device", "cuda", "--json", f"{out}/results.json", *args,
-                env={"HF_HUB_OFFLINE": "1"}, success_codes=[0, 1])
+    args = list(session.posargs) or [
+        "--method",
+        "bf16",
+        "--method",
+        "bnb-nf4",
+        "--method",
+        "bnb-nf4-dq",
+        "--method",
+        "bnb-fp4",
+        "--method",
+        "bnb-int8",
+    ]
+    session.run(
+        "qbench",
+        "run",
+        "--device",
+        "cuda",
+        "--json",
+        f"{out}/results.json",
+        *args,
+        env={"HF_HUB_OFFLINE": "1"},
+        success_codes=[0, 1],
+    )
     session.run("python", "-m", "qbench.report", f"{out}/results.json", "--markdown", f"{out}/summary.md")
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:

@@ -56,34 +56,65 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     from qbench.runner import DEFAULT_METHODS
 
     g = p.add_argument_group("what to run")
-    g.add_argument("--model", action="append", metavar="ID|PATH",
-                   help="zoo id (glm-tiny, glm4-tiny, glm4-moe-tiny), checkpoint directory or cached hub id; "
-                        "repeatable (default: glm-tiny)")
-    g.add_argument("--method", action="append", metavar="NAME",
-                   help=f"quantization method, repeatable (default: {' '.join(DEFAULT_METHODS)}; "
-                        "`qbench methods` lists them)")
+    g.add_argument(
+        "--model",
+        action="append",
+        metavar="ID|PATH",
+        help="zoo id (glm-tiny, glm4-tiny, glm4-moe-tiny), checkpoint directory or cached hub id; "
+        "repeatable (default: glm-tiny)",
+    )
+    g.add_argument(
+        "--method",
+        action="append",
+        metavar="NAME",
+        help=f"quantization method, repeatable (default: {' '.join(DEFAULT_METHODS)}; `qbench methods` lists them)",
+    )
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
-    g.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"],
-                   help="activation dtype for every method (default: each method's own)")
+    g.add_argument(
+        "--compute-dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="activation dtype for every method (default: each method's own)",
+    )
     g.add_argument("--reference", default="bf16", help="method the drift is measured against (default: bf16)")
-    g.add_argument("--reference-source", choices=["compute", "stored"], default="compute",
-                   help="compute the reference in this run (default), or read it from baselines/ without "
-                        "loading the full-precision model")
+    g.add_argument(
+        "--reference-source",
+        choices=["compute", "stored"],
+        default="compute",
+        help="compute the reference in this run (default), or read it from baselines/ without "
+        "loading the full-precision model",
+    )
     w = p.add_argument_group("workload")
-    w.add_argument("--context", type=_positive_list, default=(128,), metavar="N[,N...]",
-                   help="prompt tokens for the speed test; a list sweeps (default 128)")
-    w.add_argument("--batch", type=_positive_list, default=(1,), metavar="B[,B...]",
-                   help="batch size for the speed test; a list sweeps (default 1)")
+    w.add_argument(
+        "--context",
+        type=_positive_list,
+        default=(128,),
+        metavar="N[,N...]",
+        help="prompt tokens for the speed test; a list sweeps (default 128)",
+    )
+    w.add_argument(
+        "--batch",
+        type=_positive_list,
+        default=(1,),
+        metavar="B[,B...]",
+        help="batch size for the speed test; a list sweeps (default 1)",
+    )
     w.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per speed run (default 32)")
     w.add_argument("--repeat", type=_positive, default=5, help="timed speed runs after one warm-up (default 5)")
-    w.add_argument("--window", type=_positive, default=128,
-                   help="tokens per scoring window (default 128, glm-tiny's training length; use 512+ for real GLMs)")
+    w.add_argument(
+        "--window",
+        type=_positive,
+        default=128,
+        help="tokens per scoring window (default 128, glm-tiny's training length; use 512+ for real GLMs)",
+    )
     w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
     w.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     b = p.add_argument_group("baselines")
     b.add_argument("--baselines", type=Path, help="baseline directory (default: the checkout's baselines/)")
-    b.add_argument("--lenient", action="store_true",
-                   help="skip, instead of failing, cases whose baseline fingerprints do not match")
+    b.add_argument(
+        "--lenient",
+        action="store_true",
+        help="skip, instead of failing, cases whose baseline fingerprints do not match",
+    )
 
 
 def _run_config(args, update: bool):
@@ -91,8 +122,13 @@ def _run_config(args, update: bool):
     from qbench.runner import DEFAULT_METHODS, RunConfig
     from qbench.workload import Workload
 
-    wl_kwargs = {"contexts": args.context, "batches": args.batch, "new_tokens": args.new_tokens, "repeat": args.repeat,
-                 "window": args.window}
+    wl_kwargs = {
+        "contexts": args.context,
+        "batches": args.batch,
+        "new_tokens": args.new_tokens,
+        "repeat": args.repeat,
+        "window": args.window,
+    }
     if args.eval_text:
         wl_kwargs["eval_text"] = args.eval_text
     cfg = RunConfig(
@@ -185,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--json", type=Path, metavar="PATH", help="also write the results JSON here")
     rep = sub.add_parser("report", help="render a results JSON: table, Markdown, plot")
     rep.add_argument("results", type=Path, help="a results JSON written by qbench run --json")
-    rep.add_argument("--markdown", type=Path, metavar="PATH", help="write a Markdown summary (for $GITHUB_STEP_SUMMARY)")
-    rep.add_argument("--plot", type=Path, metavar="PNG", help="quality vs weight memory (and tok/s vs context if swept)")
+    rep.add_argument(
+        "--markdown", type=Path, metavar="PATH", help="write a Markdown summary (for $GITHUB_STEP_SUMMARY)"
+    )
+    rep.add_argument(
+        "--plot", type=Path, metavar="PNG", help="quality vs weight memory (and tok/s vs context if swept)"
+    )
     sub.add_parser("methods", help="list the registered quantization methods")
     zoo = sub.add_parser("zoo", help="the built-in tiny models")
     zsub = zoo.add_subparsers(dest="zoo_cmd", required=True, parser_class=_Parser)

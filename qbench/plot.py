@@ -37,7 +37,9 @@ def plot(results: dict, out: Path) -> Path:
         ax = axes[0][1]
         for c in sweeps:
             for batch in sorted({s["batch"] for s in c["perf"]["sweep"]}):
-                pts = sorted((s["context"], s["decode_tok_s"]["mean"]) for s in c["perf"]["sweep"] if s["batch"] == batch)
+                pts = sorted(
+                    (s["context"], s["decode_tok_s"]["mean"]) for s in c["perf"]["sweep"] if s["batch"] == batch
+                )
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{c['method']} b{batch}")
         ax.set_xlabel("context (prompt tokens)")
         ax.set_ylabel("decode tok/s")

@@ -17,8 +17,12 @@ def pytest_addoption(parser) -> None:
     g.addoption("--qbench-model", action="append", help="model for the drift matrix (repeatable; default glm-tiny)")
     g.addoption("--qbench-method", action="append", help="method for the drift matrix (repeatable; default: all)")
     g.addoption("--qbench-device", help="device under test (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
-    g.addoption("--qbench-compute-dtype", action="append", choices=["bf16", "fp16", "fp32"],
-                help="compute dtype axis of the matrix (repeatable; default: each method's own)")
+    g.addoption(
+        "--qbench-compute-dtype",
+        action="append",
+        choices=["bf16", "fp16", "fp32"],
+        help="compute dtype axis of the matrix (repeatable; default: each method's own)",
+    )
     g.addoption("--qbench-update-baselines", action="store_true", help="rewrite the baselines of the selected cases")
     g.addoption("--qbench-lenient", action="store_true", help="skip cases whose baseline fingerprints do not match")
 
@@ -58,9 +62,19 @@ def pytest_generate_tests(metafunc) -> None:
     methods = config.getoption("--qbench-method") or list(DRIFT_METHODS)
     device = _device(config)
     cases = [
-        (spec, Case(model_id(spec), m, device, dtype or get(m).default_compute_dtype,
-                    default_dtype=dtype in (None, get(m).default_compute_dtype)))
-        for spec in models for m in methods for dtype in _dtypes(config)
+        (
+            spec,
+            Case(
+                model_id(spec),
+                m,
+                device,
+                dtype or get(m).default_compute_dtype,
+                default_dtype=dtype in (None, get(m).default_compute_dtype),
+            ),
+        )
+        for spec in models
+        for m in methods
+        for dtype in _dtypes(config)
     ]
     metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
 
@@ -79,7 +93,6 @@ def qbench_device(pytestconfig) -> str:
 def qbench_matrix_results(pytestconfig) -> dict:
     """Results of the whole selected matrix, run once per session: {case id: case result}."""
     from qbench.runner import RunConfig, run_cases
-
     from qbench.workload import Workload
 
     # The drift gate judges quality; one short speed run keeps the matrix fast (speed settings

@@ -30,8 +30,19 @@ def _tok_s(perf: dict, key: str) -> str:
 
 def table(results: dict) -> Table:
     t = Table(title=f"qbench · {results['config']['device']} · reference {results['config']['reference']}")
-    cols = ["model", "method", "weights MB", "ppl", "ppl ratio", "KLD mean", "same top1", "prefill tok/s",
-            "decode tok/s", "peak MB", "status"]
+    cols = [
+        "model",
+        "method",
+        "weights MB",
+        "ppl",
+        "ppl ratio",
+        "KLD mean",
+        "same top1",
+        "prefill tok/s",
+        "decode tok/s",
+        "peak MB",
+        "status",
+    ]
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "method", "status") else "right")
     for c in results["cases"]:
@@ -39,10 +50,16 @@ def table(results: dict) -> Table:
         peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
         status = c["status"]
         t.add_row(
-            c["model"], c["method"] if c.get("compute_dtype") is None else f"{c['method']} ({c['compute_dtype']})",
-            _mb(c.get("footprint", {}).get("weights_bytes")), _num(q.get("ppl"), ".3f"),
-            _num(q.get("ppl_ratio"), ".4f"), _num(q.get("kld_mean"), ".5f"), _num(q.get("same_top1"), ".3f"),
-            _tok_s(perf, "prefill_tok_s"), _tok_s(perf, "decode_tok_s"), _mb(peak),
+            c["model"],
+            c["method"] if c.get("compute_dtype") is None else f"{c['method']} ({c['compute_dtype']})",
+            _mb(c.get("footprint", {}).get("weights_bytes")),
+            _num(q.get("ppl"), ".3f"),
+            _num(q.get("ppl_ratio"), ".4f"),
+            _num(q.get("kld_mean"), ".5f"),
+            _num(q.get("same_top1"), ".3f"),
+            _tok_s(perf, "prefill_tok_s"),
+            _tok_s(perf, "decode_tok_s"),
+            _mb(peak),
             f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
         )
     return t
@@ -100,7 +117,9 @@ def load_results(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e}); pass a results file written by `qbench run --json`") from None
     if not isinstance(data, dict) or data.get("schema") != "qbench.results/1" or "cases" not in data:
-        raise UsageError(f"{path}: not a qbench results file (schema {data.get('schema') if isinstance(data, dict) else None!r})")
+        raise UsageError(
+            f"{path}: not a qbench results file (schema {data.get('schema') if isinstance(data, dict) else None!r})"
+        )
     return data
 
 

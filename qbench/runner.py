@@ -200,7 +200,8 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
         quality.update(greedy_agreement(ctx.reference_greedy, greedy))
         checks["degenerate"] = {
-            i: why for i, (ours, ref) in enumerate(zip(greedy, ctx.reference_greedy, strict=True))
+            i: why
+            for i, (ours, ref) in enumerate(zip(greedy, ctx.reference_greedy, strict=True))
             if (why := tasks.degenerate(ctx.tokenizer, ours)) and not tasks.degenerate(ctx.tokenizer, ref)
         }
         if quantized:
@@ -222,8 +223,12 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     perf = {**sweep[0], **({"sweep": sweep} if len(sweep) > 1 else {})}
     emb = model.get_input_embeddings().weight
     perf["bandwidth"] = decode_bandwidth(
-        footprint["weights_bytes"], emb.numel() * emb.element_size(), perf["decode_tok_s"]["mean"], perf["batch"],
-        case.device, torch.cuda.get_device_name(case.device) if case.device.startswith("cuda") else "cpu",
+        footprint["weights_bytes"],
+        emb.numel() * emb.element_size(),
+        perf["decode_tok_s"]["mean"],
+        perf["batch"],
+        case.device,
+        torch.cuda.get_device_name(case.device) if case.device.startswith("cuda") else "cpu",
     )
     _free(model)
     return {
@@ -250,12 +255,26 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
 
 
 def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
-    keep = ("ppl", "ppl_ref", "ppl_ratio", "kld_mean", "kld_p99", "kld_max", "same_top1", "rms_dp",
-            "greedy_match", "addition_accuracy")
+    keep = (
+        "ppl",
+        "ppl_ref",
+        "ppl_ratio",
+        "kld_mean",
+        "kld_p99",
+        "kld_max",
+        "same_top1",
+        "rms_dp",
+        "greedy_match",
+        "addition_accuracy",
+    )
     return {
         "schema": store.SCHEMA,
-        "case": {"model": case.model, "method": case.method, "compute_dtype": case.compute_dtype,
-                 "device_class": device_class(case.device)},
+        "case": {
+            "model": case.model,
+            "method": case.method,
+            "compute_dtype": case.compute_dtype,
+            "device_class": device_class(case.device),
+        },
         "fingerprints": ctx.fingerprints,
         "libraries": qenv.library_versions(),
         "quality": {k: m["quality"][k] for k in keep if k in m["quality"]},
@@ -286,8 +305,10 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
         return verdict.status, verdict.reasons, info
     if baseline is None:
         verdict = judge(q_reasons, [], [], cfg.lenient)
-        info["note"] = (f"no stored baseline; create it with `qbench baseline update --model {ctx.spec} "
-                        f"--method {case.method} --device {case.device}`")
+        info["note"] = (
+            f"no stored baseline; create it with `qbench baseline update --model {ctx.spec} "
+            f"--method {case.method} --device {case.device}`"
+        )
         return verdict.status, verdict.reasons + [info["note"]], info
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
     r_reasons = [] if refused else regression_gate(m, baseline, label)
@@ -318,8 +339,13 @@ def _error_result(case: Case, exc: BaseException) -> dict:
 
 
 def _case_fields(case: Case) -> dict:
-    return {"id": case.id, "model": case.model, "method": case.method, "device": case.device,
-            "compute_dtype": case.compute_dtype}
+    return {
+        "id": case.id,
+        "model": case.model,
+        "method": case.method,
+        "device": case.device,
+        "compute_dtype": case.compute_dtype,
+    }
 
 
 def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
@@ -330,8 +356,13 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
     for spec in cfg.models:
         ctx = prepare_model(spec, cfg)
         cases = [
-            Case(ctx.name, name, cfg.device, cfg.compute_dtype or methods.get(name).default_compute_dtype,
-                 default_dtype=cfg.compute_dtype in (None, methods.get(name).default_compute_dtype))
+            Case(
+                ctx.name,
+                name,
+                cfg.device,
+                cfg.compute_dtype or methods.get(name).default_compute_dtype,
+                default_dtype=cfg.compute_dtype in (None, methods.get(name).default_compute_dtype),
+            )
             for name in cfg.methods
         ]
         for case in cases:  # a damaged baseline is bad input: say so before any model is loaded
@@ -356,17 +387,30 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
                 continue
             m["greedy_ids"] = m.pop("greedy")
             m.pop("greedy_margins")
-            cases_out.append({**_case_fields(case), "status": status, "reasons": reasons, **m,
-                              "estimate": {"predicted_peak_bytes": None,
-                                           "note": "pre-flight estimate not implemented yet"},
-                              "baseline": info, "fingerprints": ctx.fingerprints})
+            cases_out.append(
+                {
+                    **_case_fields(case),
+                    "status": status,
+                    "reasons": reasons,
+                    **m,
+                    "estimate": {"predicted_peak_bytes": None, "note": "pre-flight estimate not implemented yet"},
+                    "baseline": info,
+                    "fingerprints": ctx.fingerprints,
+                }
+            )
             progress(case.id, status)
     return {
         "schema": RESULTS_SCHEMA,
         "env": qenv.collect(cfg.device),
-        "config": {"models": cfg.models, "methods": cfg.methods, "device": cfg.device, "reference": cfg.reference,
-                   "reference_source": cfg.reference_source, "compute_dtype": cfg.compute_dtype,
-                   "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()}},
+        "config": {
+            "models": cfg.models,
+            "methods": cfg.methods,
+            "device": cfg.device,
+            "reference": cfg.reference,
+            "reference_source": cfg.reference_source,
+            "compute_dtype": cfg.compute_dtype,
+            "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
+        },
         "wall_s": time.time() - started,
         "cases": cases_out,
     }

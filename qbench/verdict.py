@@ -95,7 +95,7 @@ def greedy_changes(greedy: list[list[int]], margins: list[list[float]], baseline
         return [f"the prompt set has {len(greedy)} prompts, the baseline {len(stored)}"]
     out = []
     for i, (now, then) in enumerate(zip(greedy, stored, strict=True)):
-        j = next((k for k, (a, b) in enumerate(zip(now, then)) if a != b), None)
+        j = next((k for k, (a, b) in enumerate(zip(now, then, strict=False)) if a != b), None)
         if j is None and len(now) == len(then):
             continue
         if j is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from qbench.errors import UsageError
 from qbench.models.zoo import EVAL_TEXT, PROMPTS

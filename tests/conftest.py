@@ -14,7 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `ci` is the default: deterministic, no deadline (CPU timing on shared runners is noisy), and the failing
 # example printed as a reproducible blob. `fuzz` is the nightly profile (`nox -s fuzz`).
 settings.register_profile(
-    "ci", derandomize=True, deadline=None, print_blob=True, max_examples=60,
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    max_examples=60,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("fuzz", deadline=None, print_blob=True, max_examples=5000)

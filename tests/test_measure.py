@@ -21,8 +21,9 @@ def test_greedy_loop_matches_generate(tiny):
     ids = torch.tensor([[5, 17, 33, 101, 7]])
     ours = greedy_generate(tiny, ids, 12).tokens[0]
     # Independent reference: transformers' own greedy decoding with EOS disabled and a fixed length.
-    ref = tiny.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
-                        pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ref = tiny.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[
+        0, ids.shape[1] :
+    ].tolist()
     assert ours == ref
 
 

@@ -94,8 +94,18 @@ PLANTED = {
     "fp16-compute-vs-bf16": ("bnb-nf4", FP16Compute),
     "sampling-switched-on": ("bnb-nf4", SamplingOn),
 }
-BENIGN = [("bf16", 1), ("bnb-nf4", 1), ("bnb-nf4", 2), ("bnb-int8", 1), ("bnb-int8", 2), ("bnb-fp4", 1),
-          ("bnb-nf4-dq", 2), ("chatglm-int8", 1), ("chatglm-int4", 2), ("fp32", 1)]
+BENIGN = [
+    ("bf16", 1),
+    ("bnb-nf4", 1),
+    ("bnb-nf4", 2),
+    ("bnb-int8", 1),
+    ("bnb-int8", 2),
+    ("bnb-fp4", 1),
+    ("bnb-nf4-dq", 2),
+    ("chatglm-int8", 1),
+    ("chatglm-int4", 2),
+    ("fp32", 1),
+]
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +173,9 @@ def test_baseline_from_another_model_is_refused(tmp_path, scratch_baselines, mon
     monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other"
     small = Workload(max_positions=256, repeat=1, warmup=0, new_tokens=2, contexts=(8,))
-    run_cases(RunConfig(models=["glm4-tiny"], methods=["bnb-nf4"], baselines=other, update_baselines=True,
-                        workload=small))
+    run_cases(
+        RunConfig(models=["glm4-tiny"], methods=["bnb-nf4"], baselines=other, update_baselines=True, workload=small)
+    )
     # The glm4-tiny baseline, filed where glm-tiny's belongs (a copy-paste or a renamed model directory).
     dst = scratch_baselines / "glm-tiny" / "bnb-nf4" / "cpu" / store.BASELINE_FILE
     shutil.copy(other / "glm4-tiny" / "bnb-nf4" / "cpu" / store.BASELINE_FILE, dst)

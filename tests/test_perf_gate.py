@@ -8,8 +8,13 @@ from qbench.baselines import perf
 
 
 def _perf(decode, prefill=1000.0, context=128):
-    return {"decode_tok_s": {"mean": decode, "std": 1.0, "n": 5}, "prefill_tok_s": {"mean": prefill, "std": 1.0, "n": 5},
-            "context": context, "batch": 1, "new_tokens": 32}
+    return {
+        "decode_tok_s": {"mean": decode, "std": 1.0, "n": 5},
+        "prefill_tok_s": {"mean": prefill, "std": 1.0, "n": 5},
+        "context": context,
+        "batch": 1,
+        "new_tokens": 32,
+    }
 
 
 @pytest.fixture

@@ -67,9 +67,16 @@ def test_damage_and_mismatch_are_refused(tmp_path, glm_tiny):
         stored.load(tmp_path, {**FP, "model": "other"})
     from safetensors.torch import save_file
 
-    save_file({"topk_ids": ref.topk_ids[:, :4].to(torch.int16).contiguous(), "topk_logp": ref.topk_logp,
-               "rest_logp": ref.rest_logp, "target_logp": ref.target_logp, "targets": ref.targets.to(torch.int16)},
-              str(tmp_path / stored.TENSORS))
+    save_file(
+        {
+            "topk_ids": ref.topk_ids[:, :4].to(torch.int16).contiguous(),
+            "topk_logp": ref.topk_logp,
+            "rest_logp": ref.rest_logp,
+            "target_logp": ref.target_logp,
+            "targets": ref.targets.to(torch.int16),
+        },
+        str(tmp_path / stored.TENSORS),
+    )
     with pytest.raises(UsageError, match="tensors of the wrong shape: topk_ids"):
         stored.load(tmp_path, FP)
     (tmp_path / stored.TENSORS).write_bytes(b"\x00" * 10)

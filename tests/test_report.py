@@ -17,18 +17,30 @@ def _stat(v):
 def _case(method, mb, kld, tok, sweep=False):
     perf = {"prefill_tok_s": _stat(1000.0), "decode_tok_s": _stat(tok), "ttft_ms": _stat(5.0), "batch": 1}
     if sweep:
-        perf["sweep"] = [{"context": c, "batch": b, "decode_tok_s": _stat(tok / b ** 0.5 - c / 100)}
-                         for c in (64, 256) for b in (1, 4)]
-    return {"id": f"m-{method}-cpu", "model": "m", "method": method, "status": "pass", "reasons": [],
-            "footprint": {"weights_bytes": mb * 2**20}, "perf": perf, "memory": {"peak_run_bytes": 2**28},
-            "quality": {"kld_mean": kld, "kld_p99": kld * 5, "ppl": 6.7, "ppl_ratio": 1 + kld, "same_top1": 0.97}}
+        perf["sweep"] = [
+            {"context": c, "batch": b, "decode_tok_s": _stat(tok / b**0.5 - c / 100)} for c in (64, 256) for b in (1, 4)
+        ]
+    return {
+        "id": f"m-{method}-cpu",
+        "model": "m",
+        "method": method,
+        "status": "pass",
+        "reasons": [],
+        "footprint": {"weights_bytes": mb * 2**20},
+        "perf": perf,
+        "memory": {"peak_run_bytes": 2**28},
+        "quality": {"kld_mean": kld, "kld_p99": kld * 5, "ppl": 6.7, "ppl_ratio": 1 + kld, "same_top1": 0.97},
+    }
 
 
 @pytest.fixture
 def results(tmp_path):
-    data = {"schema": "qbench.results/1", "config": {"device": "cpu", "reference": "bf16"},
-            "env": {"device": {"name": "x86_64"}, "libraries": {"torch": "2.13.0"}},
-            "cases": [_case("bf16", 5.5, 0.0, 350.0, sweep=True), _case("bnb-nf4", 2.3, 3e-4, 330.0, sweep=True)]}
+    data = {
+        "schema": "qbench.results/1",
+        "config": {"device": "cpu", "reference": "bf16"},
+        "env": {"device": {"name": "x86_64"}, "libraries": {"torch": "2.13.0"}},
+        "cases": [_case("bf16", 5.5, 0.0, 350.0, sweep=True), _case("bnb-nf4", 2.3, 3e-4, 330.0, sweep=True)],
+    }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
     return path

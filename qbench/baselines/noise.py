@@ -23,8 +23,9 @@ def measure(methods: list[str], threads: list[int], repeats: int, model: str = "
     for n in threads:
         torch.set_num_threads(n)
         for _ in range(repeats):
-            res = run_cases(RunConfig(models=[model], methods=methods, update_baselines=False,
-                                      baselines=RunConfig().baselines))
+            res = run_cases(
+                RunConfig(models=[model], methods=methods, update_baselines=False, baselines=RunConfig().baselines)
+            )
             for c in res["cases"]:
                 for tol in REGRESSION_TOLERANCES:
                     if tol.metric in c.get("quality", {}):
@@ -48,8 +49,10 @@ def main() -> None:
     for method, metrics in out["values"].items():
         for metric, vals in metrics.items():
             spread = max(vals) - min(vals)
-            print(f"{method:12} {metric:18} n={len(vals)} spread {spread:.3g} "
-                  f"(values {min(vals):.5g}..{max(vals):.5g}; allowed {tols[metric].allowed(vals[0]):.3g})")
+            print(
+                f"{method:12} {metric:18} n={len(vals)} spread {spread:.3g} "
+                f"(values {min(vals):.5g}..{max(vals):.5g}; allowed {tols[metric].allowed(vals[0]):.3g})"
+            )
         print(f"{method:12} distinct greedy continuations seen: {out['greedy_variants'][method]}")
 
 

@@ -94,10 +94,13 @@ def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> t
     for key, drop in TOK_S_DROP.items():
         now, then = perf[key]["mean"], baseline[key]["mean"]
         if now < then * (1 - drop):
-            reasons.append(f"{key} {now:.4g} vs baseline {then:.4g} for {label}: "
-                           f"{1 - now / then:.0%} slower > {drop:.0%} allowed")
+            reasons.append(
+                f"{key} {now:.4g} vs baseline {then:.4g} for {label}: {1 - now / then:.0%} slower > {drop:.0%} allowed"
+            )
     now_b, then_b = memory.get("peak_run_bytes"), baseline.get("peak_run_bytes")
     if device.startswith("cuda") and now_b and then_b and now_b > then_b * (1 + PEAK_GROWTH):
-        reasons.append(f"peak memory while generating {now_b / 2**20:.1f} MiB vs baseline {then_b / 2**20:.1f} MiB "
-                       f"for {label}: +{now_b / then_b - 1:.0%} > {PEAK_GROWTH:.0%} allowed")
+        reasons.append(
+            f"peak memory while generating {now_b / 2**20:.1f} MiB vs baseline {then_b / 2**20:.1f} MiB "
+            f"for {label}: +{now_b / then_b - 1:.0%} > {PEAK_GROWTH:.0%} allowed"
+        )
     return reasons, None

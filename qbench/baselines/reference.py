@@ -45,10 +45,17 @@ def save(directory: Path, ref: Reference, greedy: list[list[int]], fingerprints:
     tmp = directory / f".{TENSORS}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / TENSORS)
-    atomic_write_json(directory / META, {
-        "schema": SCHEMA, "fingerprints": fingerprints, "k": ref.topk_ids.shape[1], "positions": ref.positions,
-        "greedy": greedy, "bytes": (directory / TENSORS).stat().st_size,
-    })
+    atomic_write_json(
+        directory / META,
+        {
+            "schema": SCHEMA,
+            "fingerprints": fingerprints,
+            "k": ref.topk_ids.shape[1],
+            "positions": ref.positions,
+            "greedy": greedy,
+            "bytes": (directory / TENSORS).stat().st_size,
+        },
+    )
     return directory
 
 
@@ -68,13 +75,18 @@ def load(directory: Path, fingerprints: dict) -> tuple[Reference, list[list[int]
         raise UsageError(f"{directory}: corrupt stored reference ({e}); {fix}") from None
     if meta.get("schema") != SCHEMA:
         raise UsageError(f"{meta_path}: schema {meta.get('schema')!r}, expected {SCHEMA}; {fix}")
-    diff = [k for k in ("model", "tokenizer", "workload", "reference") if meta["fingerprints"].get(k) != fingerprints[k]]
+    diff = [
+        k for k in ("model", "tokenizer", "workload", "reference") if meta["fingerprints"].get(k) != fingerprints[k]
+    ]
     if diff:
         raise UsageError(f"{directory}: stored reference was made for another {', '.join(diff)}; {fix}")
     n, k = meta["positions"], meta["k"]
     expect = {"topk_ids": (n, k), "topk_logp": (n, k), "rest_logp": (n,), "target_logp": (n,), "targets": (n,)}
-    bad = [f"{name} {tuple(t[name].shape) if name in t else 'missing'} (expected {shape})"
-           for name, shape in expect.items() if name not in t or tuple(t[name].shape) != shape]
+    bad = [
+        f"{name} {tuple(t[name].shape) if name in t else 'missing'} (expected {shape})"
+        for name, shape in expect.items()
+        if name not in t or tuple(t[name].shape) != shape
+    ]
     if bad:
         raise UsageError(f"{tensor_path}: tensors of the wrong shape: {'; '.join(bad)}; {fix}")
     ref = Reference(t["topk_ids"].long(), t["topk_logp"], t["rest_logp"], t["target_logp"], t["targets"].long())

@@ -47,8 +47,9 @@ def measured_cpu_copy_gb_s(mbytes: int = 256, repeat: int = 3) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def decode_bandwidth(weight_bytes: int, embedding_bytes: int, decode_tok_s: float, batch: int, device: str,
-                     device_name: str) -> dict:
+def decode_bandwidth(
+    weight_bytes: int, embedding_bytes: int, decode_tok_s: float, batch: int, device: str, device_name: str
+) -> dict:
     per_step = weight_bytes - embedding_bytes
     achieved = per_step * decode_tok_s / batch / 1e9
     if device.startswith("cuda"):

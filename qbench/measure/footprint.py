@@ -4,9 +4,10 @@
 (``quant_state.absmax``, the nested double-quant state, the code book) and LLM.int8's row scales (``SCB``)
 as attributes of the parameter, so they are added here.
 
-Code books (``quant_map``, ``nested_quant_map``: 16- or 256-entry lookup tables) are counted once per distinct content: whether bitsandbytes
-hands two layers the same table object or two equal copies depends on its caches (seen: 4 or 16 distinct
-double-quant tables for the same glm-tiny load, 4 KB apart), and the footprint must not depend on that.
+Code books (``quant_map``, ``nested_quant_map``: 16- or 256-entry lookup tables) are counted once per
+distinct content: whether bitsandbytes hands two layers the same table object or two equal copies depends on
+its caches (seen: 4 or 16 distinct double-quant tables for the same glm-tiny load, 4 KB apart), and the
+footprint must not depend on that.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class _Stamps:
             self.marks.append(time.perf_counter())
 
     def intervals(self) -> list[float]:
-        pairs = zip(self.marks, self.marks[1:])
+        pairs = zip(self.marks, self.marks[1:], strict=False)
         if self.cuda:
             return [a.elapsed_time(b) / 1000 for a, b in pairs]
         return [b - a for a, b in pairs]

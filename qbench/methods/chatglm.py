@@ -34,8 +34,15 @@ TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "ga
 class ChatGLMQuantLinear(nn.Module):
     """A linear layer in ChatGLM's weight-only format: dequantize in the scale's dtype, matmul in x's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.bfloat16, device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> None:
         super().__init__()
         if bits not in fmt.BITS:
             raise ValueError(f"bits must be 4 or 8, got {bits}")

@@ -20,13 +20,32 @@ EN_DET_SG = ["the", "a", "this", "every", "one"]
 EN_DET_PL = ["the", "some", "these", "many", "two", "three"]
 EN_ADJ = ["red", "small", "old", "happy", "quiet", "bright", "green", "heavy", "quick", "tired"]
 EN_NOUN = {
-    "cat": "cats", "dog": "dogs", "bird": "birds", "teacher": "teachers", "child": "children",
-    "farmer": "farmers", "robot": "robots", "river": "rivers", "ball": "balls", "book": "books",
-    "house": "houses", "tree": "trees", "apple": "apples", "letter": "letters",
+    "cat": "cats",
+    "dog": "dogs",
+    "bird": "birds",
+    "teacher": "teachers",
+    "child": "children",
+    "farmer": "farmers",
+    "robot": "robots",
+    "river": "rivers",
+    "ball": "balls",
+    "book": "books",
+    "house": "houses",
+    "tree": "trees",
+    "apple": "apples",
+    "letter": "letters",
 }
 EN_ANIMATE = ["cat", "dog", "bird", "teacher", "child", "farmer", "robot"]
-EN_VERB_T = {"see": "sees", "find": "finds", "like": "likes", "carry": "carries", "draw": "draws",
-             "watch": "watches", "follow": "follows", "want": "wants"}
+EN_VERB_T = {
+    "see": "sees",
+    "find": "finds",
+    "like": "likes",
+    "carry": "carries",
+    "draw": "draws",
+    "watch": "watches",
+    "follow": "follows",
+    "want": "wants",
+}
 EN_VERB_I = {"sleep": "sleeps", "run": "runs", "sing": "sings", "wait": "waits", "laugh": "laughs"}
 EN_PREP = ["near", "under", "behind", "with", "beside"]
 EN_ADV = ["slowly", "today", "again", "quietly", "at night"]
@@ -37,8 +56,18 @@ ZH_ADJ = ["红色", "小", "旧", "新", "绿色", "大", "重", "好看"]
 ZH_VERB = ["看见", "喜欢", "找到", "拿着", "画", "想要", "吃", "买"]
 ZH_TIME = ["今天", "昨天", "明天", "晚上", "早上"]
 ZH_PLACE = ["在家里", "在河边", "在树下", "在学校", "在路上"]
-ZH_MEASURE = {"球": "个", "书": "本", "苹果": "个", "房子": "座", "树": "棵", "信": "封", "花": "朵",
-              "鱼": "条", "水": "杯", "饭": "碗"}
+ZH_MEASURE = {
+    "球": "个",
+    "书": "本",
+    "苹果": "个",
+    "房子": "座",
+    "树": "棵",
+    "信": "封",
+    "花": "朵",
+    "鱼": "条",
+    "水": "杯",
+    "饭": "碗",
+}
 ZH_NUM = ["一", "两", "三", "几"]
 
 

@@ -89,8 +89,19 @@ def write_eval_material(data_dir: Path) -> None:
     (data_dir / "eval.txt").write_text(corpus.text(EVAL_SEED, 700), encoding="utf-8")
     prompts = {
         "text": [
-            "the small cat", "some happy children", "a robot carries", "every farmer", "these old dogs",
-            "one bird watches", "今天小狗", "我们在学校", "昨天老师", "孩子在河边", "机器人买了", "12+", "58+3",
+            "the small cat",
+            "some happy children",
+            "a robot carries",
+            "every farmer",
+            "these old dogs",
+            "one bird watches",
+            "今天小狗",
+            "我们在学校",
+            "昨天老师",
+            "孩子在河边",
+            "机器人买了",
+            "12+",
+            "58+3",
         ],
         "addition": [{"prompt": p, "answer": a} for p, a in corpus.addition_prompts(PROMPT_SEED, 50)],
     }

@@ -83,9 +83,17 @@ def _random_init(name: str, config) -> Path:
 def _tiny_dims() -> dict:
     tok = json.loads((GLM_TINY_DIR / "config.json").read_text())
     return dict(
-        vocab_size=tok["vocab_size"], hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, pad_token_id=tok["pad_token_id"],
-        eos_token_id=tok["eos_token_id"], bos_token_id=tok["bos_token_id"], tie_word_embeddings=False,
+        vocab_size=tok["vocab_size"],
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        pad_token_id=tok["pad_token_id"],
+        eos_token_id=tok["eos_token_id"],
+        bos_token_id=tok["bos_token_id"],
+        tie_word_embeddings=False,
     )
 
 
@@ -103,8 +111,15 @@ def _glm4_moe_tiny() -> Path:
     return _random_init(
         "glm4-moe-tiny",
         Glm4MoeConfig(
-            intermediate_size=256, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
-            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, **_tiny_dims(),
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            **_tiny_dims(),
         ),
     )
 
@@ -117,7 +132,9 @@ def resolve(spec: str) -> Path:
     if path.is_dir():
         return check_checkpoint_dir(path)
     if path.exists():
-        raise UsageError(f"--model {spec}: is a file, not a checkpoint directory; pass the directory holding config.json")
+        raise UsageError(
+            f"--model {spec}: is a file, not a checkpoint directory; pass the directory holding config.json"
+        )
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download

@@ -47,9 +47,11 @@ def layer_errors(model, names: list[str], checkpoint: Path, ids: torch.Tensor) -
     for name in names:
         if f"{name}.weight" not in index:  # not a checkpoint tensor (e.g. fused on load): nothing to compare
             continue
-        hooks.append(modules[name].register_forward_hook(
-            lambda _m, inp, out, name=name: captured.__setitem__(name, (inp[0].detach(), out.detach()))
-        ))
+        hooks.append(
+            modules[name].register_forward_hook(
+                lambda _m, inp, out, name=name: captured.__setitem__(name, (inp[0].detach(), out.detach()))
+            )
+        )
     try:
         with torch.inference_mode():
             model(input_ids=ids.to(next(model.parameters()).device))

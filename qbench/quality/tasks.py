@@ -25,9 +25,14 @@ def continuations(model, tokenizer, prompts: list[str], n: int) -> tuple[list[li
     for p in prompts:
         ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]], device=_device(model))
         with torch.inference_mode():
-            full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  pad_token_id=tokenizer.pad_token_id or 0)
-            gen = full[0, ids.shape[1]:].tolist()
+            full = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+            gen = full[0, ids.shape[1] :].tolist()
             logits = model(input_ids=full[:, :-1]).logits[0, ids.shape[1] - 1 :].float()
         top2 = torch.log_softmax(logits, -1).topk(2, dim=-1).values
         out.append(gen)

@@ -108,6 +108,13 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
     w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
     w.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    r = p.add_argument_group("isolation")
+    r.add_argument("--in-process", action="store_true",
+                   help="run cases in this process (default: each case in its own, so a crash ends only that case)")
+    r.add_argument("--case-timeout", type=float, default=3600.0, metavar="S",
+                   help="kill an isolated case after S seconds and record an error verdict (default 3600)")
+    r.add_argument("--case-memory-limit", type=float, metavar="GiB",
+                   help="address space an isolated case may add after start-up; past it the case errors")
     b = p.add_argument_group("baselines")
     b.add_argument("--baselines", type=Path, help="baseline directory (default: the checkout's baselines/)")
     b.add_argument(
@@ -141,6 +148,9 @@ def _run_config(args, update: bool):
         update_baselines=update,
         lenient=args.lenient,
         reference_source=args.reference_source,
+        isolate=not args.in_process,
+        case_timeout_s=args.case_timeout,
+        case_memory_limit=int(args.case_memory_limit * 2**30) if args.case_memory_limit else None,
     )
     if args.baselines:
         cfg.baselines = args.baselines
@@ -164,7 +174,16 @@ def _execute(args, update: bool, console: Console, err: Console) -> int:
     def progress(case: str, stage: str) -> None:
         err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {case}: {stage}", highlight=False)
 
-    results = run_cases(cfg, progress)
+    done = {}
+    if getattr(args, "resume", False):
+        from qbench.report import load_results
+
+        if not args.json:
+            raise UsageError("--resume needs --json PATH: the results file of the run to resume")
+        if args.json.is_file():
+            done = {c["id"]: c for c in load_results(args.json)["cases"]}
+    on_case = (lambda doc: write_json(doc, args.json)) if getattr(args, "json", None) else None
+    results = run_cases(cfg, progress, done=done, on_case=on_case)
     print_report(results, console)
     if update:
         for c in results["cases"]:
@@ -213,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="quantize, judge drift against baselines, measure speed and memory")
     _add_selection(run)
-    run.add_argument("--json", type=Path, metavar="PATH", help="write the results JSON (qbench.results/1) here")
+    run.add_argument("--json", type=Path, metavar="PATH",
+                     help="write the results JSON (qbench.results/1) here, atomically after every case")
+    run.add_argument("--resume", action="store_true", help="keep the cases already in --json PATH; run the rest")
     base = sub.add_parser("baseline", help="manage stored baselines")
     bsub = base.add_subparsers(dest="baseline_cmd", required=True, parser_class=_Parser)
     upd = bsub.add_parser("update", help="run the selected cases and rewrite their baselines, printing what changed")
@@ -276,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"qbench: error: {e}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        err.print("qbench: interrupted; no results file was written and no baseline was changed", highlight=False)
+        err.print("qbench: interrupted; the results file holds every finished case (rerun with --resume)",
+                  highlight=False)
         return 130
     return EXIT_OK
 

@@ -58,6 +58,9 @@ class RunConfig:
     update_baselines: bool = False
     lenient: bool = False
     reference_source: str = "compute"  # "compute": load the reference model; "stored": use baselines/
+    isolate: bool = False  # each case in its own process (the CLI's default); in-process for library callers
+    case_timeout_s: float = 3600.0  # isolated cases only: past this a case is killed and becomes an error
+    case_memory_limit: int | None = None  # isolated cases only: extra address space a case may map (bytes)
 
     def reference_dir(self, ctx: ModelContext) -> Path:
         return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
@@ -348,11 +351,47 @@ def _case_fields(case: Case) -> dict:
     }
 
 
-def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
-    """Run every model × method of ``cfg``; return the results document (schema qbench.results/1)."""
+def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progress = _quiet) -> dict:
+    """One case, measured and judged, as its results-JSON entry; an exception becomes an ``error`` entry."""
+    try:
+        m = measure_case(case, ctx, cfg, progress)
+        status, reasons, info = judge_case(case, ctx, m, cfg)
+    except UsageError:
+        raise
+    except Exception as e:
+        return _error_result(case, e)
+    m["greedy_ids"] = m.pop("greedy")
+    m.pop("greedy_margins")
+    return {
+        **_case_fields(case),
+        "status": status,
+        "reasons": reasons,
+        **m,
+        "estimate": {"predicted_peak_bytes": None, "note": "pre-flight estimate not implemented yet"},
+        "baseline": info,
+        "fingerprints": ctx.fingerprints,
+    }
+
+
+def run_cases(cfg: RunConfig, progress: Progress = _quiet, done: dict[str, dict] | None = None,
+              on_case: Callable[[dict], None] | None = None) -> dict:
+    """Run every model × method of ``cfg``; return the results document (schema qbench.results/1).
+
+    ``done`` maps case ids to results of an earlier, interrupted run: those cases are kept, not rerun.
+    ``on_case`` sees the document after every case (the CLI writes it to disk there, atomically).
+    """
     cfg.validate()
     started = time.time()
-    cases_out: list[dict] = []
+    done = done or {}
+    doc = {"schema": RESULTS_SCHEMA, "env": qenv.collect(cfg.device), "config": _config_doc(cfg), "cases": []}
+    cases_out: list[dict] = doc["cases"]
+
+    def finish(result: dict) -> None:
+        cases_out.append(result)
+        doc["wall_s"] = time.time() - started
+        if on_case is not None:
+            on_case(doc)
+
     for spec in cfg.models:
         ctx = prepare_model(spec, cfg)
         cases = [
@@ -368,49 +407,41 @@ def run_cases(cfg: RunConfig, progress: Progress = _quiet) -> dict:
         for case in cases:  # a damaged baseline is bad input: say so before any model is loaded
             store.load(cfg.baselines, case)
             perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
+        todo = [c for c in cases if c.id not in done]
+        for case in cases:
+            if case.id in done:
+                progress(case.id, f"kept from the earlier run ({done[case.id]['status']})")
+                finish(done[case.id])
+        if not todo:
+            continue
         try:
             score_reference(ctx, cfg, progress)
         except UsageError:
             raise
         except Exception as e:  # the reference failed: every case of this model is an error, the run goes on
-            cases_out += [_error_result(c, e) for c in cases]
+            for c in todo:
+                finish(_error_result(c, e))
             continue
-        for case in cases:
-            try:
-                m = measure_case(case, ctx, cfg, progress)
-                status, reasons, info = judge_case(case, ctx, m, cfg)
-            except UsageError:
-                raise
-            except Exception as e:
-                cases_out.append(_error_result(case, e))
-                progress(case.id, f"error: {cases_out[-1]['reasons'][0]}")
-                continue
-            m["greedy_ids"] = m.pop("greedy")
-            m.pop("greedy_margins")
-            cases_out.append(
-                {
-                    **_case_fields(case),
-                    "status": status,
-                    "reasons": reasons,
-                    **m,
-                    "estimate": {"predicted_peak_bytes": None, "note": "pre-flight estimate not implemented yet"},
-                    "baseline": info,
-                    "fingerprints": ctx.fingerprints,
-                }
-            )
-            progress(case.id, status)
+        if cfg.isolate:
+            from qbench import isolate
+
+            runner = isolate.CaseProcesses(ctx, cfg)
+        for case in todo:
+            result = runner.run(case, progress) if cfg.isolate else execute_case(case, ctx, cfg, progress)
+            progress(case.id, result["status"] + (f": {result['reasons'][0]}" if result["status"] == ERROR else ""))
+            finish(result)
+    doc["wall_s"] = time.time() - started
+    return doc
+
+
+def _config_doc(cfg: RunConfig) -> dict:
     return {
-        "schema": RESULTS_SCHEMA,
-        "env": qenv.collect(cfg.device),
-        "config": {
-            "models": cfg.models,
-            "methods": cfg.methods,
-            "device": cfg.device,
-            "reference": cfg.reference,
-            "reference_source": cfg.reference_source,
-            "compute_dtype": cfg.compute_dtype,
-            "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
-        },
-        "wall_s": time.time() - started,
-        "cases": cases_out,
+        "models": cfg.models,
+        "methods": cfg.methods,
+        "device": cfg.device,
+        "reference": cfg.reference,
+        "reference_source": cfg.reference_source,
+        "compute_dtype": cfg.compute_dtype,
+        "isolate": cfg.isolate,
+        "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
     }

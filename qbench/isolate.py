@@ -1,0 +1,146 @@
+"""Each case in its own process, so an OOM, a CUDA error, an abort, a segfault or a hang ends that case only.
+
+The parent saves the model's reference once (the stored-reference format) and starts, per case, a fresh
+Python (``python -m qbench.isolate JOB.json``: a spawned process, never a fork of a process that has touched
+CUDA). The child rebuilds the tokenized workload, reads the reference, measures and judges the case, and
+writes its results entry. If it writes none, the parent makes the ``error`` entry itself from the exit
+status, the last lines of the child's log and its peak RSS (``wait4``'s rusage, which the kernel keeps even
+for a killed process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from qbench.baselines import reference as stored_reference
+from qbench.baselines.store import atomic_write_json
+from qbench.case import Case
+from qbench.verdict import ERROR
+
+LOG_TAIL_LINES = 20
+POLL_S = 0.05
+# Extra modules that register methods (``mypkg.methods``, comma-separated): imported by every case process,
+# so a method defined outside qbench runs isolated like a built-in one.
+METHOD_MODULES_ENV = "QBENCH_METHOD_MODULES"
+
+
+def _cfg_to_json(cfg) -> dict:
+    wl = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg.workload).items()}
+    return {
+        "device": cfg.device, "reference": cfg.reference, "baselines": str(cfg.baselines), "lenient": cfg.lenient,
+        "update_baselines": cfg.update_baselines, "workload": wl,
+    }
+
+
+class CaseProcesses:
+    """Runs the cases of one model, each in a child process."""
+
+    def __init__(self, ctx, cfg) -> None:
+        self.ctx, self.cfg = ctx, cfg
+        self.tmp = Path(tempfile.mkdtemp(prefix="qbench-cases-"))
+        stored_reference.save(self.tmp / "reference", ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+
+    def run(self, case: Case, progress) -> dict:
+        job = self.tmp / f"{case.id}.job.json"
+        out, log = self.tmp / f"{case.id}.result.json", self.tmp / f"{case.id}.log"
+        atomic_write_json(job, {
+            "spec": self.ctx.spec, "case": asdict(case), "cfg": _cfg_to_json(self.cfg),
+            "reference_dir": str(self.tmp / "reference"), "out": str(out),
+            "memory_limit": self.cfg.case_memory_limit,
+        })
+        with log.open("wb") as log_f:
+            proc = subprocess.Popen([sys.executable, "-m", "qbench.isolate", str(job)], stdout=log_f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        progress(case.id, f"running in process {proc.pid}")
+        try:
+            status, rusage, timed_out = _wait(proc, self.cfg.case_timeout_s)
+        except KeyboardInterrupt:  # the child is in its own session: Ctrl-C reaches only us, so end it too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        peak_rss = rusage.ru_maxrss * 1024 if rusage else None  # Linux reports KiB
+        if out.is_file():
+            result = json.loads(out.read_text(encoding="utf-8"))
+            result.setdefault("memory", {})["process_peak_rss_bytes"] = peak_rss
+            return result
+        code = os.waitstatus_to_exitcode(status) if status is not None else None
+        if timed_out:
+            why = f"timed out after {self.cfg.case_timeout_s:g} s; killed"
+        elif code is not None and code < 0:
+            why = f"case process killed by {signal.Signals(-code).name}"
+            if -code == signal.SIGKILL:
+                why += " (the kernel's OOM killer sends it when memory runs out)"
+        else:
+            why = f"case process exited with status {code} without a result"
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        return {
+            "id": case.id, "model": case.model, "method": case.method, "device": case.device,
+            "compute_dtype": case.compute_dtype, "status": ERROR, "reasons": [why], "log_tail": tail,
+            "memory": {"process_peak_rss_bytes": peak_rss, "source": "rusage ru_maxrss of the case process"},
+        }
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float):
+    """(wait status, rusage, timed out), killing the process group past the timeout."""
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return status, rusage, timed_out
+        if time.monotonic() > deadline and not timed_out:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(POLL_S)
+
+
+def _child(job_path: str) -> None:
+    """The case process: rebuild, measure, judge, write the results entry. Exceptions become ``error``."""
+    import importlib
+
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    from qbench.cli import quiet_libraries
+
+    quiet_libraries()
+    for name in filter(None, os.environ.get(METHOD_MODULES_ENV, "").split(",")):
+        importlib.import_module(name.strip())
+    from qbench.runner import RunConfig, execute_case, prepare_model
+    from qbench.workload import Workload
+
+    c = job["cfg"]
+    wl = {k: tuple(v) if isinstance(v, list) else v for k, v in c["workload"].items()}
+    wl = Workload(**{**wl, "eval_text": Path(wl["eval_text"]), "prompts": Path(wl["prompts"])})
+    cfg = RunConfig(models=[job["spec"]], methods=[job["case"]["method"]], device=c["device"],
+                    reference=c["reference"], workload=wl, baselines=Path(c["baselines"]),
+                    update_baselines=c["update_baselines"], lenient=c["lenient"])
+    ctx = prepare_model(job["spec"], cfg)
+    ctx.reference, ctx.reference_greedy = stored_reference.load(Path(job["reference_dir"]), ctx.fingerprints)
+    if job.get("memory_limit"):
+        _limit_address_space(job["memory_limit"])
+    result = execute_case(Case(**job["case"]), ctx, cfg, lambda case, stage: print(f"{case}: {stage}", flush=True))
+    atomic_write_json(Path(job["out"]), result)
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """Cap the address space at what the process maps now (interpreter, torch, tokenized workload) plus
+    ``extra_bytes``, so the limit concerns the case itself, not the libraries' large virtual mappings."""
+    import resource
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            now = int(line.split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
+            return
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

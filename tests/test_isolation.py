@@ -1,0 +1,70 @@
+"""Crash-proof runs: a case that raises, aborts, segfaults, runs out of memory or hangs becomes that case's
+error verdict with the last lines of its log and its peak memory, and the rest of the run goes on."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from qbench.cli import main
+
+TESTS = Path(__file__).parent
+FAST = ["--repeat", "1", "--new-tokens", "2", "--context", "8"]
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{TESTS.parent}")
+    monkeypatch.setenv("QBENCH_METHOD_MODULES", "fault_methods")
+    sys.path.insert(0, str(TESTS))
+    import fault_methods  # noqa: F401  (registers the fault methods in this process too, for validation)
+
+    yield
+    sys.path.remove(str(TESTS))
+
+
+def test_every_fault_is_one_error_and_the_run_goes_on(faults, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    methods = ["fault-raise", "fault-abort", "fault-segv", "fault-oom", "bnb-nf4"]
+    argv = ["run", "--json", str(out), "--case-memory-limit", "3", *FAST]
+    for m in methods:
+        argv += ["--method", m]
+    assert main(argv) == 1  # a verdict failed
+    cases = {c["method"]: c for c in json.loads(out.read_text())["cases"]}
+    assert [c for c in cases] == methods
+    expect = {
+        "fault-raise": "illegal memory access",
+        "fault-abort": "SIGABRT",
+        "fault-segv": "SIGSEGV",
+        "fault-oom": "can't allocate memory",
+    }
+    for method, text in expect.items():
+        c = cases[method]
+        assert c["status"] == "error", c
+        assert text in " ".join(c["reasons"]), (method, c["reasons"])
+        assert c["log_tail"], method
+    assert cases["fault-abort"]["memory"]["process_peak_rss_bytes"] > 100 * 2**20
+    assert cases["bnb-nf4"]["status"] == "pass", cases["bnb-nf4"]["reasons"]
+
+
+def test_a_hanging_case_is_killed_at_its_timeout(faults, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    # 30 s: a case process needs ~5-10 s to import torch and transformers and rebuild the workload on 2 cores.
+    assert main(["run", "--json", str(out), "--case-timeout", "30", "--method", "fault-hang", *FAST]) == 1
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["status"] == "error" and case["reasons"] == ["timed out after 30 s; killed"]
+
+
+def test_resume_keeps_finished_cases(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["run", "--json", str(out), "--method", "bnb-nf4", *FAST]) == 0
+    first = json.loads(out.read_text())["cases"]
+    assert main(["run", "--json", str(out), "--resume", "--method", "bnb-nf4", "--method", "bnb-fp4", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "glm-tiny-bnb-nf4-cpu: kept from the earlier run" in err
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["method"] for c in cases] == ["bnb-nf4", "bnb-fp4"]
+    assert cases[0] == first[0]  # untouched, not rerun

@@ -18,11 +18,12 @@ from qbench.errors import UsageError
 SCHEMA = "qbench.perf/1"
 
 # Allowed drop of decode / prefill tok/s against the baseline's mean. Provenance: five back-to-back
-# `qbench run` invocations on the idle 2-core CPU (glm-tiny, bf16 and bnb-nf4, 5 repeats each) spread by
-# up to 8% in decode and 14% in prefill tok/s (short prefills of 128 tokens are the noisiest figure); the
-# bounds are about 2x those spreads. A GPU's run-to-run spread is smaller; the same bounds are used until a
-# GPU measurement gives tighter ones.
-TOK_S_DROP = {"decode_tok_s": 0.20, "prefill_tok_s": 0.30}
+# `qbench run --method bf16 --method bnb-nf4` on the shared 2-core CPU (glm-tiny, 5 repeats each, another
+# process competing for the cores part of the time) spread by up to 46% in decode and 43% in prefill tok/s.
+# A 50% bound stays quiet under that noise and still catches a halving of speed, which is what an upgrade
+# that silently falls back to a slow kernel does. On an idle GPU the spread is far smaller; tighten these
+# from a GPU measurement when one is made.
+TOK_S_DROP = {"decode_tok_s": 0.50, "prefill_tok_s": 0.50}
 # Allowed growth of the peak memory while generating. CUDA's allocator peaks repeat to the byte for the same
 # shapes; 5% covers a changed workspace heuristic. CPU RSS is a process-wide figure that depends on what ran
 # before in the same process, so it is recorded but not gated.

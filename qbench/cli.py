@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     upd = bsub.add_parser("update", help="run the selected cases and rewrite their baselines, printing what changed")
     _add_selection(upd)
     upd.add_argument("--json", type=Path, metavar="PATH", help="also write the results JSON here")
+    from qbench.estimate_cli import add_estimate_parser
+
+    add_estimate_parser(sub)
     rep = sub.add_parser("report", help="render a results JSON: table, Markdown, plot")
     rep.add_argument("results", type=Path, help="a results JSON written by qbench run --json")
     rep.add_argument(
@@ -272,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd in ("run", "baseline"):
             return _execute(args, update=args.cmd == "baseline", console=console, err=err)
+        if args.cmd == "estimate":
+            from qbench.estimate_cli import run_estimate
+
+            return run_estimate(args, console)
         if args.cmd == "report":
             from qbench.report import load_results, markdown, print_report
 

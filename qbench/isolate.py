@@ -4,8 +4,7 @@ The parent saves the model's reference once (the stored-reference format) and st
 Python (``python -m qbench.isolate JOB.json``: a spawned process, never a fork of a process that has touched
 CUDA). The child rebuilds the tokenized workload, reads the reference, measures and judges the case, and
 writes its results entry. If it writes none, the parent makes the ``error`` entry itself from the exit
-status, the last lines of the child's log and its peak RSS (``wait4``'s rusage, which the kernel keeps even
-for a killed process).
+status, the last lines of the child's log and its peak RSS (the child's VmHWM, polled while it lives).
 """
 
 from __future__ import annotations
@@ -61,12 +60,11 @@ class CaseProcesses:
                                     stderr=subprocess.STDOUT, start_new_session=True)
         progress(case.id, f"running in process {proc.pid}")
         try:
-            status, rusage, timed_out = _wait(proc, self.cfg.case_timeout_s)
+            status, peak_rss, timed_out = _wait(proc, self.cfg.case_timeout_s)
         except KeyboardInterrupt:  # the child is in its own session: Ctrl-C reaches only us, so end it too
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
-        peak_rss = rusage.ru_maxrss * 1024 if rusage else None  # Linux reports KiB
         if out.is_file():
             result = json.loads(out.read_text(encoding="utf-8"))
             result.setdefault("memory", {})["process_peak_rss_bytes"] = peak_rss
@@ -84,19 +82,39 @@ class CaseProcesses:
         return {
             "id": case.id, "model": case.model, "method": case.method, "device": case.device,
             "compute_dtype": case.compute_dtype, "status": ERROR, "reasons": [why], "log_tail": tail,
-            "memory": {"process_peak_rss_bytes": peak_rss, "source": "rusage ru_maxrss of the case process"},
+            "memory": {"process_peak_rss_bytes": peak_rss, "source": "VmHWM of the case process, polled every 50 ms"},
         }
 
 
+def _vmhwm(pid: int) -> int:
+    """The child's RSS high-water mark, once it runs the case process; 0 before its exec (until then it is a
+    copy of the parent, and its figures are the parent's)."""
+    try:
+        if b"qbench.isolate" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _wait(proc: subprocess.Popen, timeout_s: float):
-    """(wait status, rusage, timed out), killing the process group past the timeout."""
+    """(wait status, peak RSS, timed out), killing the process group past the timeout.
+
+    The peak is the child's VmHWM, read every 50 ms while it lives (the last read before a crash stands).
+    wait4's ru_maxrss is no use here: Linux carries it across exec, so it starts at the parent's RSS.
+    """
     deadline = time.monotonic() + timeout_s
     timed_out = False
+    peak = 0
     while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        peak = max(peak, _vmhwm(proc.pid))
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return status, rusage, timed_out
+            return status, peak or None, timed_out
         if time.monotonic() > deadline and not timed_out:
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)

@@ -24,6 +24,7 @@ from qbench.baselines.fingerprint import model_fingerprint, tokenizer_fingerprin
 from qbench.case import Case, device_class
 from qbench.errors import UsageError
 from qbench.measure.bandwidth import decode_bandwidth
+from qbench.measure.estimate import estimate, peak_summary
 from qbench.measure.footprint import weights_bytes
 from qbench.measure.memory import track_peak
 from qbench.measure.timing import measure_speed
@@ -97,6 +98,10 @@ def check_device(device: str) -> None:
 
 
 Progress = Callable[[str, str], None]
+
+
+class DoesNotFit(RuntimeError):
+    """The pre-flight estimate exceeds the memory available: the case is an error before anything loads."""
 
 
 def _quiet(_case: str, _stage: str) -> None:
@@ -177,6 +182,10 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     """Load, quantize and run one case; return its measurements (no judging here)."""
     method = methods.get(case.method)
     wl = cfg.workload
+    est = estimate(ctx.path, case.method, max(wl.contexts), max(wl.batches), wl.new_tokens, case.device,
+                   compute_dtype=case.compute_dtype)
+    if est["fits"] is False:
+        raise DoesNotFit(f"not loaded: the pre-flight estimate says it does not fit: {peak_summary(est)}")
     progress(case.id, "loading + quantizing")
     t0 = time.perf_counter()
     with track_peak(case.device) as load_mem:
@@ -235,6 +244,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     )
     _free(model)
     return {
+        "estimate": est,
         "footprint": footprint,
         "checks": checks,
         "quality": quality,
@@ -367,7 +377,6 @@ def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         "status": status,
         "reasons": reasons,
         **m,
-        "estimate": {"predicted_peak_bytes": None, "note": "pre-flight estimate not implemented yet"},
         "baseline": info,
         "fingerprints": ctx.fingerprints,
     }

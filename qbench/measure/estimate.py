@@ -1,0 +1,555 @@
+"""Pre-flight memory estimate: a model's peak memory for a method, from its config alone.
+
+Nothing is loaded: the model is built on the meta device from ``config.json`` and every tensor's size is worked
+out for the method analytically. The peak is the sum of
+
+* **weights**: parameters and buffers as the method stores them, quantization side data included, computed so that
+  it equals :func:`qbench.measure.footprint.weights_bytes` of the loaded model byte for byte (see
+  ``tests/test_estimate.py``). Per quantized ``[out, in]`` linear, with ``n = out * in``:
+
+  - bitsandbytes 4-bit (nf4/fp4, blocksize 64): ``ceil(n/2)`` packed bytes + fp32 absmax per 64-block. With double
+    quantization the absmax is uint8, plus one fp32 absmax per 256 blocks. Code books (the 16-entry fp32 4-bit
+    table, 64 B; double quantization's 256-entry fp32 table, 1 KiB) are counted once per model, as
+    ``weights_bytes`` counts them once per distinct content; bitsandbytes really keeps a copy per layer, which
+    the figure leaves out (1.06 KiB per quantized linear: 0.3 MiB for GLM-4-9B). So is the 0-d fp32 offset of
+    double quantization (4 B per linear), which ``weights_bytes`` does not count either.
+  - LLM.int8 (bitsandbytes): ``n`` int8 + fp32 row scale ``SCB`` (``4 * out``).
+  - ChatGLM weight-only: ``n`` (int8) or ``n/2`` (packed int4) bytes + one scale per row in the compute dtype.
+  - everything else (embeddings, norms, biases, lm_head, MoE router and fused experts) in the compute dtype;
+    buffers in their own dtype (RoPE ``inv_freq`` is fp32).
+
+  Which linears a method quantizes is decided the way loading decides it: for bitsandbytes by transformers' own
+  quantizer (``replace_with_bnb_linear`` on the meta model), for ChatGLM by :data:`qbench.methods.chatglm.TARGETS`.
+* **KV cache**: ``2 * layers * kv_heads * head_dim * (context + new_tokens) * batch * dtype bytes``.
+* **activations**: the working set of one decoder layer during the prefill of ``batch * context`` tokens (the
+  layers run one after another, so only one layer's temporaries are alive), see :func:`activation_bytes`, plus
+  LLM.int8's per-call temporaries and a method's weight-sized transient (a dequantized weight, bitsandbytes' CPU
+  repacking), see :func:`weight_transient_bytes`.
+* **logits**: two figures. qbench's speed loop and ``generate`` keep the last position only (``logits_to_keep=1``):
+  ``batch * vocab * (dtype + 4)`` bytes. Quality scoring (and any forward that keeps every position) holds
+  ``batch * context * vocab * (dtype + 4 + 4)``: the logits, their fp32 copy and the fp32 log-softmax.
+  ``keep_logits`` chooses which one enters the peak.
+* **runtime overhead**: on CPU the resident memory of the Python process that imported torch + transformers and
+  ran a model (:data:`CPU_RUNTIME_BYTES`, measured); on CUDA the CUDA context with cuBLAS (:data:`CUDA_CONTEXT_BYTES`).
+
+* **checkpoint pages** (CPU only): transformers memory-maps the safetensors checkpoint; when the method converts
+  the dtype or quantizes, the pages read stay in RSS while the file is mapped (see :func:`load_phase`).
+  Reclaimable page cache: they inflate RSS more than they risk an OOM.
+
+The runtime peak is ``overhead + retained checkpoint pages + weights + kv + activations + weight transient +
+logits``. The load peak is ``overhead + checkpoint pages + what is held while loading + a load transient``; the
+ChatGLM methods load the checkpoint unquantized in the compute dtype and then quantize in place, so on a GPU
+their load holds the whole unquantized model. ``predicted_peak_bytes`` is the larger of the two.
+
+Not modelled: attention implementations that materialize ``batch * heads * T * T`` scores (eager attention; SDPA's
+math fallback), the CUDA caching allocator's fragmentation, glibc's retention of freed heap on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qbench.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+SCHEMA = "qbench.estimate/1"
+MiB, GiB = 2**20, 2**30
+DEFAULT_CONTEXT, DEFAULT_BATCH, DEFAULT_NEW_TOKENS = 128, 1, 32  # qbench.workload.Workload's defaults
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "models" / "data" / "configs"
+
+# CPU process baseline: peak RSS of a fresh Python 3.11 process that imports torch 2.13.0 (CPU) + transformers 5.23
+# and qbench, loads glm-tiny (5.8 MB of weights) through qbench.methods and generates 128 + 32 tokens, minus
+# everything else this module predicts: 350-365 MiB over bf16/fp16/fp32/chatglm-int8/chatglm-int4 on a 2-core
+# x86-64 Linux box. It grows with the CPU thread count (per-thread stacks, oneDNN scratch) and library versions.
+CPU_RUNTIME_BYTES = 360 * MiB
+# Loading through bitsandbytes (its import and CPU kernels) adds 45-70 MiB on the same box (403-424 MiB).
+CPU_BNB_IMPORT_BYTES = 50 * MiB
+# CUDA context: 287,047,680 bytes with lazy module loading (the default since PyTorch 1.13 on CUDA >= 11.7;
+# measured in pytorch/pytorch#86509, 667 MB without it), plus cuBLAS handle + workspace and the kernels a
+# transformer's first forward loads lazily (typically 100-250 MB): 512 MiB in all.
+CUDA_CONTEXT_BYTES = 512 * MiB
+BNB_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig does not expose it; bitsandbytes' default on CUDA and CPU
+BNB_NESTED_BLOCKSIZE = 256  # double quantization's blocksize for the absmax (bitsandbytes.functional.quantize_4bit)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+KEEP_LOGITS = ("last", "all")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a method stores weights: ``scheme`` names the layout of its quantized linears."""
+
+    method: str
+    compute_dtype: str  # bf16 | fp16 | fp32
+    scheme: str  # none | bnb-4bit | bnb-int8 | chatglm
+    bits: int = 16
+    double_quant: bool = False
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.compute_dtype]
+
+
+def weight_format(method: str, compute_dtype: str | None = None) -> WeightFormat:
+    """The layout of ``method``'s weights, read from the method's own settings (its BitsAndBytesConfig, its bits)."""
+    from qbench import methods
+
+    m = methods.get(method)
+    dtype = compute_dtype or m.default_compute_dtype
+    methods.torch_dtype(dtype)  # UsageError for a bad dtype
+    if not m.quantized:
+        return WeightFormat(method, dtype, "none")
+    if m.family == "bitsandbytes":
+        cfg = m.config(methods.torch_dtype(dtype))
+        if cfg.load_in_4bit:
+            return WeightFormat(method, dtype, "bnb-4bit", 4, bool(cfg.bnb_4bit_use_double_quant))
+        return WeightFormat(method, dtype, "bnb-int8", 8)
+    if m.family == "chatglm":
+        return WeightFormat(method, dtype, "chatglm", m.bits)
+    raise UsageError(
+        f"--method {method}: the estimate has no size model for the {m.family} family; "
+        "add one to qbench/measure/estimate.py"
+    )
+
+
+def code_book_bytes(fmt: WeightFormat) -> int:
+    """Bytes of the lookup tables a model holds once (counted once, as ``weights_bytes`` does)."""
+    if fmt.scheme != "bnb-4bit":
+        return 0
+    return 16 * 4 + (256 * 4 if fmt.double_quant else 0)
+
+
+def quantized_linear_bytes(fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+    """(bytes of the quantized weight, bytes of its side data) for one ``[out, in]`` linear, code books aside."""
+    n = out_features * in_features
+    if fmt.scheme == "bnb-4bit":
+        blocks = -(-n // BNB_BLOCKSIZE)
+        if fmt.double_quant:
+            return (n + 1) // 2, blocks + -(-blocks // BNB_NESTED_BLOCKSIZE) * 4
+        return (n + 1) // 2, blocks * 4
+    if fmt.scheme == "bnb-int8":
+        return n, out_features * 4
+    if fmt.scheme == "chatglm":
+        return (n if fmt.bits == 8 else out_features * (in_features // 2)), out_features * fmt.dtype_bytes
+    raise ValueError(f"{fmt.scheme} quantizes no linear")
+
+
+# ---------------------------------------------------------------------------------------------- config and meta model
+
+
+def load_config(path_or_config) -> PretrainedConfig:
+    """A transformers config from a config object, a dict, a ``config.json`` path, a checkpoint directory, a zoo
+    id or the name of a config shipped in ``qbench/models/data/configs`` (e.g. ``glm-4-9b-chat-hf``)."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    from qbench.models import zoo
+
+    if isinstance(path_or_config, PretrainedConfig):
+        return path_or_config
+    if isinstance(path_or_config, dict):
+        data, where = path_or_config, "config"
+    else:
+        spec = str(path_or_config)
+        path = Path(spec).expanduser()
+        if spec not in zoo.ZOO and not path.exists() and (CONFIGS_DIR / f"{spec}.json").is_file():
+            path = CONFIGS_DIR / f"{spec}.json"
+        if path.is_file() and path.suffix == ".json":
+            where = str(path)
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"--model {spec}: not valid JSON ({e}); pass a config.json") from None
+        else:
+            if spec not in zoo.ZOO and not path.exists() and "/" not in spec:
+                shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
+                raise UsageError(
+                    f"--model {spec}: not a zoo id ({', '.join(zoo.ZOO)}), a shipped config ({shipped}), a "
+                    "checkpoint directory or a config.json; pass one of those"
+                )
+            path = zoo.resolve(spec)  # UsageError with its own one-line message
+            where = str(path / "config.json")
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type not in zoo.SUPPORTED_MODEL_TYPES:
+        raise UsageError(
+            f"--model {where}: model_type {model_type!r} is not supported; qbench estimates "
+            f"{', '.join(zoo.SUPPORTED_MODEL_TYPES)}"
+        )
+    return CONFIG_MAPPING[model_type].from_dict(dict(data))
+
+
+def meta_model(config: PretrainedConfig, compute_dtype: str):
+    """The model built on the meta device in ``compute_dtype`` (buffers too): shapes and dtypes, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from qbench import methods
+
+    config = copy.deepcopy(config)  # from_config records the dtype in the config it is given
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config, dtype=methods.torch_dtype(compute_dtype))
+    return model.eval()
+
+
+def _quantized_linears(model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+    """name → (out, in) of the linears ``fmt`` quantizes, decided as loading decides it."""
+    import torch
+
+    if fmt.scheme == "none":
+        return {}
+    if fmt.scheme == "chatglm":
+        from qbench.methods.chatglm import TARGETS
+
+        return {
+            n: (m.out_features, m.in_features)
+            for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in TARGETS
+        }
+    import bitsandbytes as bnb
+    from transformers.quantizers import AutoHfQuantizer
+
+    from qbench import methods
+
+    original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    qcfg = methods.get(fmt.method).config(methods.torch_dtype(fmt.compute_dtype))
+    AutoHfQuantizer.from_config(qcfg, pre_quantized=False).preprocess_model(model, device_map=None)
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {
+        n: (original[n].out_features, original[n].in_features)
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and n in original
+    }
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    name: str  # parameter or buffer name, as in the loaded model
+    nbytes: int  # what it occupies once loaded, quantization side data included
+    kind: str  # quantized | param | buffer
+    side_bytes: int = 0  # of nbytes: block scales, code books, row scales
+    numel: int = 0  # elements of the unquantized tensor
+
+
+@dataclass(frozen=True)
+class WeightTable:
+    """Every parameter and buffer of the loaded model with its size, and the shapes of the quantized linears."""
+
+    tensors: list[TensorBytes]
+    quantized: dict[str, tuple[int, int]]  # module name → (out, in)
+
+    @property
+    def total(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def largest_quantized(self) -> tuple[int, int] | None:
+        return max(self.quantized.values(), key=lambda oi: oi[0] * oi[1]) if self.quantized else None
+
+
+def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
+    """Sizes of every tensor of the model loaded with ``fmt``, worked out on the meta model."""
+    model = meta_model(config, fmt.compute_dtype)
+    tensors = [(n, t, "param") for n, t in model.named_parameters()]
+    tensors += [(n, t, "buffer") for n, t in model.named_buffers()]
+    quantized = _quantized_linears(model, fmt)  # may replace modules in `model`; `tensors` keeps the originals
+    out, books = [], code_book_bytes(fmt)
+    for name, t, kind in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            data, side = quantized_linear_bytes(fmt, *quantized[module])
+            side, books = side + books, 0  # the code books go with the first quantized linear
+            out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
+        elif kind == "param" and t.is_floating_point():
+            out.append(TensorBytes(name, t.numel() * fmt.dtype_bytes, kind, 0, t.numel()))
+        else:
+            out.append(TensorBytes(name, t.numel() * t.element_size(), kind, 0, t.numel()))
+    return WeightTable(out, quantized)
+
+
+# ----------------------------------------------------------------------------------------------------- runtime terms
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions the runtime terms need, read from a GLM / GLM-4 / GLM-4.5 MoE config."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    ffn: int  # the widest MLP (dense, or shared experts)
+    experts: int = 0
+    experts_per_tok: int = 0
+
+    @classmethod
+    def of(cls, c: PretrainedConfig) -> Shape:
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        experts = getattr(c, "n_routed_experts", 0) or 0
+        ffn = c.intermediate_size if not experts or (getattr(c, "first_k_dense_replace", 0) or 0) > 0 else 0
+        if experts:
+            ffn = max(ffn, c.moe_intermediate_size * max(1, getattr(c, "n_shared_experts", 1) or 1))
+        return cls(
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim,
+            c.vocab_size,
+            ffn,
+            experts,
+            getattr(c, "num_experts_per_tok", 0) or 0,
+        )
+
+
+def kv_cache_bytes(shape: Shape, tokens: int, batch: int, dtype_bytes: int) -> int:
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
+
+
+def activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
+    """Peak working set of one decoder layer over ``tokens`` (= batch × sequence) positions, in bytes.
+
+    Alive throughout: the residual stream and the normed input (2 × T·H). On top, the larger of
+    the attention block: q/k/v projections and their RoPE'd copies 2 × T·(heads + 2·kv_heads)·head_dim, SDPA's
+    output T·heads·head_dim and o_proj's T·H (no T×T scores: SDPA's flash / memory-efficient kernels);
+    the MLP: gate_up 2·T·F, act(gate) and its product with up 2·T·F, down_proj's T·H (plus, for MoE, the router's
+    int64 one-hot T·k·(E+1)·8);
+    RMSNorm's fp32 upcast: 2 × T·H·4.
+    """
+    t, s, d = tokens, shape, dtype_bytes
+    stream = 2 * t * s.hidden * d
+    attn = (2 * t * (s.heads + 2 * s.kv_heads) * s.head_dim + t * s.heads * s.head_dim + t * s.hidden) * d
+    mlp = (4 * t * s.ffn + t * s.hidden) * d
+    if s.experts:
+        mlp += t * s.hidden * d + t * s.experts_per_tok * (s.experts + 1) * 8  # zeros_like output + one-hot
+    norm = 2 * t * s.hidden * 4
+    return stream + max(attn, mlp, norm)
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def weight_transient_bytes(fmt: WeightFormat, largest: tuple[int, int] | None, device: str) -> tuple[int, str]:
+    """A method's weight-sized temporary in a forward, for its largest quantized linear: (bytes, why)."""
+    if largest is None or fmt.scheme == "none":
+        return 0, "none"
+    n = largest[0] * largest[1]
+    cuda = device.startswith("cuda")
+    if fmt.scheme == "chatglm":
+        return n * fmt.dtype_bytes + (n // 2 if fmt.bits == 4 else 0), "ChatGLM dequantizes the weight per forward"
+    if fmt.scheme == "bnb-4bit":
+        if not cuda and "avx512_bf16" in _cpu_flags():
+            return 7 * n, "bitsandbytes repacks 4-bit weights for AVX512-BF16 on the first CPU forward (int32 unpack)"
+        return n * fmt.dtype_bytes, "bitsandbytes dequantizes the 4-bit weight for a multi-token forward"
+    if fmt.scheme == "bnb-int8":
+        import torch
+
+        if cuda or torch.backends.cpu.get_cpu_capability() == "AVX512":
+            return 0, "int8 matmul kernel, no dequantized weight"
+        return 4 * n, "bitsandbytes' CPU fallback multiplies in fp32 (weight.float())"
+    return 0, "none"
+
+
+def runtime_overhead(fmt: WeightFormat, device: str) -> tuple[int, str]:
+    if device.startswith("cuda"):
+        return CUDA_CONTEXT_BYTES, "CUDA context with lazy module loading + cuBLAS (CUDA_CONTEXT_BYTES)"
+    extra = CPU_BNB_IMPORT_BYTES if fmt.scheme.startswith("bnb") else 0
+    return CPU_RUNTIME_BYTES + extra, "measured RSS of a Python + torch + transformers process (CPU_RUNTIME_BYTES)"
+
+
+def available_bytes(device: str) -> tuple[int | None, str]:
+    """Memory free for a run on ``device`` now: (bytes or None, where the figure came from)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "no CUDA device visible here"
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free, f"torch.cuda.mem_get_info({device})"
+    import psutil
+
+    return psutil.virtual_memory().available, "psutil.virtual_memory().available"
+
+
+# ---------------------------------------------------------------------------------------------------------- estimate
+
+
+def check_workload(context: int, batch: int, new_tokens: int) -> None:
+    for flag, value, example in (
+        ("--context", context, DEFAULT_CONTEXT),
+        ("--batch", batch, DEFAULT_BATCH),
+        ("--new-tokens", new_tokens, DEFAULT_NEW_TOKENS),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"{flag} {value}: must be a positive integer, e.g. {flag} {example}")
+
+
+def check_device(device: str) -> str:
+    if device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise UsageError(f"--device {device}: the estimate covers cpu, cuda and cuda:N")
+
+
+def estimate(
+    path_or_config,
+    method: str,
+    context: int = DEFAULT_CONTEXT,
+    batch: int = DEFAULT_BATCH,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    device: str = "cpu",
+    *,
+    compute_dtype: str | None = None,
+    keep_logits: str = "last",
+    max_memory: int | None = None,
+) -> dict:
+    """Predicted peak memory (bytes) of loading ``method`` on ``device`` and running ``batch`` × ``context``
+    prompt tokens + ``new_tokens`` generated ones, with its parts; ``fits`` against ``max_memory`` (bytes) or, when
+    it is None, the device's free memory now. ``predicted_peak_bytes`` is what a results JSON records."""
+    check_workload(context, batch, new_tokens)
+    check_device(device)
+    if keep_logits not in KEEP_LOGITS:
+        raise UsageError(f"--keep-logits {keep_logits}: choose from {', '.join(KEEP_LOGITS)}")
+    config = load_config(path_or_config)
+    fmt = weight_format(method, compute_dtype)
+    table = weight_table(config, fmt)
+    shape, d = Shape.of(config), fmt.dtype_bytes
+    tensors = table.tensors
+
+    weights = table.total
+    largest = table.largest_quantized()
+    kv = kv_cache_bytes(shape, context + new_tokens, batch, d)
+    act = activation_bytes(shape, batch * context, d) + linear_temporaries_bytes(fmt, largest, batch * context)
+    transient, transient_note = weight_transient_bytes(fmt, largest, device)
+    logits_last = batch * shape.vocab * (d + 4)
+    logits_full = batch * context * shape.vocab * (d + 4 + 4)
+    logits = logits_full if keep_logits == "all" else logits_last
+    overhead, overhead_note = runtime_overhead(fmt, device)
+    load = load_phase(config, fmt, table, device)
+    runtime = overhead + load["retained_pages"] + weights + kv + act + transient + logits
+    load_peak = overhead + load["bytes"]
+    peak = max(runtime, load_peak)
+
+    if max_memory is not None:
+        avail, avail_source = int(max_memory), "--max-memory"
+    else:
+        avail, avail_source = available_bytes(device)
+    return {
+        "schema": SCHEMA,
+        "model_type": config.model_type,
+        "method": method,
+        "compute_dtype": fmt.compute_dtype,
+        "device": device,
+        "context": context,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "keep_logits": keep_logits,
+        "parameters": sum(t.numel for t in tensors if t.kind != "buffer"),
+        "quantized_linears": len(table.quantized),
+        "weights_bytes": weights,
+        "weights": {
+            "quantized": sum(t.nbytes - t.side_bytes for t in tensors if t.kind == "quantized"),
+            "quantization_side_data": sum(t.side_bytes for t in tensors),
+            "full_precision_params": sum(t.nbytes for t in tensors if t.kind == "param"),
+            "buffers": sum(t.nbytes for t in tensors if t.kind == "buffer"),
+        },
+        "kv_cache_bytes": kv,
+        "activation_bytes": act,
+        "weight_transient_bytes": transient,
+        "weight_transient_note": transient_note,
+        "logits_bytes": logits,
+        "logits_last_bytes": logits_last,
+        "logits_full_bytes": logits_full,
+        "overhead_bytes": overhead,
+        "overhead_note": overhead_note,
+        "checkpoint_pages_bytes": load["pages"],
+        "runtime_peak_bytes": runtime,
+        "load_peak_bytes": load_peak,
+        "load_note": load["note"],
+        "predicted_peak_bytes": peak,
+        "peak_phase": "load" if load_peak > runtime else "run",
+        "available_bytes": avail,
+        "available_source": avail_source,
+        "fits": None if avail is None else peak <= avail,
+        "headroom_bytes": None if avail is None else avail - peak,
+    }
+
+
+def checkpoint_bytes(config: PretrainedConfig, table: WeightTable) -> int | None:
+    """Size of the checkpoint's tensors in the dtype the config says they are stored in (None: not stated)."""
+    stored = getattr(config, "dtype", None)
+    size = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(stored).removeprefix("torch."))
+    return None if size is None else sum(t.numel * size for t in table.tensors if t.kind != "buffer")
+
+
+def load_phase(config: PretrainedConfig, fmt: WeightFormat, table: WeightTable, device: str) -> dict:
+    """The load peak without the runtime overhead, the checkpoint pages in RSS, and the pages the run keeps.
+
+    transformers memory-maps safetensors checkpoints. On CPU, a tensor loaded in its stored dtype is the mapping
+    itself (its pages are the weights); a converted or quantized tensor is a copy, and the pages read to make it
+    stay in RSS while the file is mapped: until loading ends after a dtype conversion, and (measured with
+    transformers 5.23) through the run when the method quantizes. These pages are reclaimable page cache, so they
+    inflate RSS more than they risk an OOM; they do not exist in GPU memory.
+    """
+    largest = table.largest_quantized()
+    n = largest[0] * largest[1] if largest else 0
+    unquantized = sum(t.numel * fmt.dtype_bytes if t.kind != "buffer" else t.nbytes for t in table.tensors)
+    stored = checkpoint_bytes(config, table)
+    converts = stored is not None and stored != unquantized - sum(t.nbytes for t in table.tensors if t.kind == "buffer")
+    quantizes = fmt.scheme != "none"
+    pages = (stored or 0) if not device.startswith("cuda") and (converts or quantizes) else 0
+    held = table.total
+    if fmt.scheme == "chatglm":
+        # The checkpoint is loaded unquantized in the compute dtype, then quantize_model replaces the linears; the
+        # largest one is divided and rounded in that dtype (two temporaries) into int8. On CPU without a dtype
+        # conversion the unquantized model is the mapped pages themselves.
+        held = unquantized if device.startswith("cuda") or converts else table.total
+        extra, note = n * (2 * fmt.dtype_bytes + 1), "ChatGLM methods load the checkpoint unquantized, then quantize"
+    elif fmt.scheme.startswith("bnb"):
+        extra, note = n * fmt.dtype_bytes, "bitsandbytes quantizes each weight from a compute-dtype copy while loading"
+    else:
+        extra, note = 0, "weights load as they are kept"
+    if pages:
+        note += "; the memory-mapped checkpoint's pages count in RSS"
+    return {"bytes": pages + held + extra, "pages": pages, "retained_pages": pages if quantizes else 0, "note": note}
+
+
+def linear_temporaries_bytes(fmt: WeightFormat, largest: tuple[int, int] | None, tokens: int) -> int:
+    """LLM.int8's per-call temporaries for its largest linear: the activations in fp16 and int8 (3 B per input),
+    the int32 product, its fp32 dequantization and the fp16 output (10 B per output)."""
+    if fmt.scheme != "bnb-int8" or largest is None:
+        return 0
+    return tokens * (3 * largest[1] + 10 * largest[0])
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Bytes for people: 1.23 GiB, 456.00 MiB, 789 B."""
+    if n is None:
+        return "unknown"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+def peak_summary(est: dict) -> str:
+    """One line: the peak and, when it is known, the fit."""
+    line = f"predicted peak {fmt_bytes(est['predicted_peak_bytes'])} (during {est['peak_phase']})"
+    if est["fits"] is None:
+        return f"{line}; fit not checked: {est['available_source']}"
+    verdict = "fits in" if est["fits"] else "does NOT fit in"
+    return f"{line} {verdict} {fmt_bytes(est['available_bytes'])} ({est['available_source']})"

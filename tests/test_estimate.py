@@ -1,0 +1,212 @@
+"""The pre-flight estimate: weight bytes exact against loaded models, the parts of the peak, the fit, the CLI,
+the CPU RSS of a real run and published ChatGLM figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qbench import methods
+from qbench.errors import UsageError
+from qbench.estimate_cli import add_estimate_parser, run_estimate
+from qbench.measure import estimate as est
+from qbench.measure.footprint import weights_bytes
+from qbench.models import zoo
+
+ZOO_MODELS = ("glm-tiny", "glm4-tiny", "glm4-moe-tiny")
+
+
+@pytest.mark.parametrize("method", methods.names())
+@pytest.mark.parametrize("spec", ZOO_MODELS)
+def test_weight_bytes_equal_the_loaded_models_footprint(spec, method):
+    path = zoo.resolve(spec)
+    m = methods.get(method)
+    model = m.load(methods.LoadRequest(path, "cpu", m.default_compute_dtype))
+    predicted = est.weight_table(est.load_config(path), est.weight_format(method)).total
+    assert predicted == weights_bytes(model)  # exact: no tolerance
+
+
+def test_estimate_fields_and_how_the_peak_adds_up():
+    e = est.estimate("glm-tiny", "bnb-nf4", context=64, batch=2, new_tokens=8, max_memory=2**40)
+    assert e["schema"] == "qbench.estimate/1" and e["predicted_peak_bytes"] > 0
+    run = (e["overhead_bytes"] + e["checkpoint_pages_bytes"] + e["weights_bytes"] + e["kv_cache_bytes"]
+           + e["activation_bytes"] + e["weight_transient_bytes"] + e["logits_bytes"])  # fmt: skip
+    assert e["runtime_peak_bytes"] == run
+    assert e["predicted_peak_bytes"] == max(run, e["load_peak_bytes"])
+    assert e["weights_bytes"] == sum(e["weights"].values())
+    assert e["quantized_linears"] == 4 * 6  # glm-tiny: 4 layers × q, k, v, o, gate_up, down
+    json.dumps(e)  # the runner stores it in the results JSON
+
+
+def test_kv_cache_and_logits_follow_the_formulas():
+    # glm-4-9b-chat-hf: 40 layers, 2 KV heads of 128, vocab 151552, bf16.
+    e = est.estimate("glm-4-9b-chat-hf", "bf16", context=1000, batch=3, new_tokens=24, device="cuda", max_memory=0)
+    assert e["parameters"] == 9_399_951_360  # "9.4B": embeddings 2 × 621M + 40 × 203.4M per layer
+    assert e["kv_cache_bytes"] == 2 * 40 * 2 * 128 * (1000 + 24) * 3 * 2
+    assert e["logits_last_bytes"] == 3 * 151552 * (2 + 4)
+    assert e["logits_full_bytes"] == 3 * 1000 * 151552 * (2 + 4 + 4)
+    full = est.estimate("glm-4-9b-chat-hf", "bf16", 1000, 3, 24, "cuda", keep_logits="all", max_memory=0)
+    assert full["predicted_peak_bytes"] - e["predicted_peak_bytes"] == e["logits_full_bytes"] - e["logits_last_bytes"]
+
+
+def test_fits_and_does_not_fit():
+    small = est.estimate("glm-4-9b-chat-hf", "bnb-nf4", device="cuda", max_memory=6 * est.GiB)
+    assert small["fits"] is False and small["headroom_bytes"] < 0
+    big = est.estimate("glm-4-9b-chat-hf", "bnb-nf4", device="cuda", max_memory=80 * est.GiB)
+    assert big["fits"] is True
+    unknown = est.estimate("glm-tiny", "bf16", device="cuda") if not _cuda() else None
+    if unknown is not None:
+        assert unknown["fits"] is None and unknown["available_bytes"] is None
+
+
+def test_chatglm_load_peak_is_the_unquantized_model_on_a_gpu():
+    # qbench's ChatGLM methods load in bf16, then quantize: on a GPU the load needs the bf16 model.
+    bf16 = est.estimate("chatglm2-6b-glm", "bf16", device="cuda", max_memory=0)
+    int4 = est.estimate("chatglm2-6b-glm", "chatglm-int4", device="cuda", max_memory=0)
+    assert int4["peak_phase"] == "load" and int4["load_peak_bytes"] >= bf16["weights_bytes"]
+    assert int4["runtime_peak_bytes"] < bf16["runtime_peak_bytes"] / 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"context": 0}, "--context 0: must be a positive integer"),
+        ({"batch": -2}, "--batch -2: must be a positive integer"),
+        ({"new_tokens": 0}, "--new-tokens 0"),
+        ({"device": "tpu"}, "--device tpu"),
+        ({"keep_logits": "some"}, "--keep-logits some"),
+    ],
+)
+def test_bad_workload_is_a_one_line_usage_error(kwargs, needle):
+    with pytest.raises(UsageError) as err:
+        est.estimate("glm-tiny", "bf16", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_model_and_method_are_usage_errors(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    for spec, needle in (("no-such-model", "shipped config"), (str(tmp_path), "not supported")):
+        with pytest.raises(UsageError, match=needle):
+            est.estimate(spec, "bf16")
+    with pytest.raises(UsageError, match="unknown method"):
+        est.estimate("glm-tiny", "gptq")
+
+
+# --- published figures ------------------------------------------------------------------------------------------
+# ChatGLM2-6B README, "推理性能": minimum GPU memory to encode 2048 tokens / generate 8192 tokens, measured with
+# PyTorch 2.0 SDPA (FP16 13.1/12.8, INT8 8.2/8.1, INT4 5.5/5.1 GB). qbench's chatglm-int8/int4 use the same weight
+# format; the config is ChatGLM2-6B in GLM form (6.24B parameters, 2 KV groups). ChatGLM2's INT4 figure is for the
+# pre-quantized chatglm2-6b-int4 checkpoint, so the runtime peak is compared (qbench's own chatglm methods first
+# load unquantized; see the test above). Tolerance 20%: the README does not say whether "GB" is 10^9 or 2^30
+# bytes (7.4% apart) and measured a different implementation (ChatGLM's modeling code and cpm_kernels), whose
+# caching-allocator slack and kernel modules the estimate does not model; the worst error is -14.1% (INT4 encode,
+# GB read as GiB), the errors with GB = 10^9 bytes are -7.7% .. +3.7%.
+CHATGLM2 = [
+    ("fp16", 2048, 1, 13.1), ("fp16", 128, 8064, 12.8),
+    ("chatglm-int8", 2048, 1, 8.2), ("chatglm-int8", 128, 8064, 8.1),
+    ("chatglm-int4", 2048, 1, 5.5), ("chatglm-int4", 128, 8064, 5.1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, context, new_tokens, published_gb", CHATGLM2)
+def test_chatglm2_published_memory(method, context, new_tokens, published_gb):
+    e = est.estimate("chatglm2-6b-glm", method, context, 1, new_tokens, device="cuda", max_memory=0)
+    for unit in (10**9, 2**30):
+        assert abs(e["runtime_peak_bytes"] / unit - published_gb) <= 0.20 * published_gb, (
+            unit,
+            e["runtime_peak_bytes"],
+        )
+
+
+# ChatGLM-6B README: minimum GPU memory for inference FP16 13 GB, INT8 8 GB, INT4 6 GB (its max length 2048). Those
+# are card-size minimums, rounded up, for the first ChatGLM (6.2B, 28 layers, no GQA): the estimate on the ChatGLM2
+# shape must stay at or below each (GB read as GiB) and within 25% of it (INT4 is -21.2%: 6 GB is the card class).
+@pytest.mark.parametrize("method, published_gb", [("fp16", 13), ("chatglm-int8", 8), ("chatglm-int4", 6)])
+def test_chatglm_6b_published_minimum(method, published_gb):
+    peak = est.estimate("chatglm2-6b-glm", method, 2048, 1, 1, device="cuda", max_memory=0)["runtime_peak_bytes"]
+    assert 0.75 * published_gb <= peak / 2**30 <= published_gb
+
+
+# --- a real run's RSS -------------------------------------------------------------------------------------------
+RSS_SCRIPT = textwrap.dedent("""
+    import sys, warnings, logging
+    warnings.filterwarnings("ignore"); logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+    from transformers.utils import logging as hf; hf.set_verbosity_error(); hf.disable_progress_bar()
+    from qbench import methods
+    from qbench.measure.timing import greedy_generate
+    from qbench.models import zoo
+    m = methods.get(sys.argv[1])
+    model = m.load(methods.LoadRequest(zoo.resolve("glm-tiny"), "cpu", m.default_compute_dtype))
+    greedy_generate(model, torch.randint(3, 1000, (1, 128)), 32)
+    print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
+""")
+
+
+@pytest.mark.slow
+def test_cpu_rss_of_a_real_glm_tiny_run():
+    method = "bf16"
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, method], capture_output=True, text=True, check=True)
+    measured = int(out.stdout.split()[-1])
+    predicted = est.estimate("glm-tiny", method, 128, 1, 32, device="cpu")["predicted_peak_bytes"]
+    # 10%: the process baseline (CPU_RUNTIME_BYTES, 97% of this figure) was measured on a 2-core box with this
+    # very workload (errors there: -1.3% .. +3.3% over seven methods); more threads or other library builds move it.
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+class _Capture:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, text="", **_kw) -> None:
+        self.lines.append(str(text))
+
+
+def _run(argv: list[str]) -> tuple[int, list[str]]:
+    parser = argparse.ArgumentParser(prog="qbench")
+    add_estimate_parser(parser.add_subparsers(dest="cmd"))
+    console = _Capture()
+    return run_estimate(parser.parse_args(["estimate", *argv]), console), console.lines
+
+
+def test_cli_json_has_the_predicted_peak_and_its_parts():
+    code, lines = _run(["--model", "glm-tiny", "--method", "chatglm-int4", "--max-memory", "cpu=64GiB", "--json"])
+    doc = json.loads(lines[-1])
+    assert code == 0 and doc["fits"] is True and doc["model"] == "glm-tiny"
+    for key in ("predicted_peak_bytes", "weights_bytes", "kv_cache_bytes", "activation_bytes", "logits_bytes",
+                "overhead_bytes", "load_peak_bytes", "runtime_peak_bytes"):  # fmt: skip
+        assert isinstance(doc[key], int), key
+
+
+def test_cli_too_big_exits_1_with_the_numbers():
+    code, lines = _run(["--model", "glm-4-9b-chat-hf", "--method", "bf16", "--max-memory", "cpu=8GiB"])
+    assert code == 1
+    assert "does NOT fit in 8.00 GiB" in lines[-1] and "GiB" in lines[-1].split("does NOT")[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-memory", "0=20XB"], "'20XB' is not a size"),
+        (["--context", "0"], "--context 0"),
+        (["--batch", "-1"], "--batch -1"),
+        (["--max-memory", "0=8GiB", "--device", "cpu"], "--device cpu"),
+        (["--max-memory", "cpu=8GiB", "--device", "cuda"], "no budget for --device cuda"),
+    ],
+)
+def test_cli_bad_input_is_a_one_line_usage_error(argv, needle):
+    with pytest.raises(UsageError) as err:
+        _run(argv)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

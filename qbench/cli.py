@@ -109,12 +109,24 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
     w.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     r = p.add_argument_group("isolation")
-    r.add_argument("--in-process", action="store_true",
-                   help="run cases in this process (default: each case in its own, so a crash ends only that case)")
-    r.add_argument("--case-timeout", type=float, default=3600.0, metavar="S",
-                   help="kill an isolated case after S seconds and record an error verdict (default 3600)")
-    r.add_argument("--case-memory-limit", type=float, metavar="GiB",
-                   help="address space an isolated case may add after start-up; past it the case errors")
+    r.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cases in this process (default: each case in its own, so a crash ends only that case)",
+    )
+    r.add_argument(
+        "--case-timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="kill an isolated case after S seconds and record an error verdict (default 3600)",
+    )
+    r.add_argument(
+        "--case-memory-limit",
+        type=float,
+        metavar="GiB",
+        help="address space an isolated case may add after start-up; past it the case errors",
+    )
     b = p.add_argument_group("baselines")
     b.add_argument("--baselines", type=Path, help="baseline directory (default: the checkout's baselines/)")
     b.add_argument(
@@ -232,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="quantize, judge drift against baselines, measure speed and memory")
     _add_selection(run)
-    run.add_argument("--json", type=Path, metavar="PATH",
-                     help="write the results JSON (qbench.results/1) here, atomically after every case")
+    run.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the results JSON (qbench.results/1) here, atomically after every case",
+    )
     run.add_argument("--resume", action="store_true", help="keep the cases already in --json PATH; run the rest")
     base = sub.add_parser("baseline", help="manage stored baselines")
     bsub = base.add_subparsers(dest="baseline_cmd", required=True, parser_class=_Parser)
@@ -304,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"qbench: error: {e}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        err.print("qbench: interrupted; the results file holds every finished case (rerun with --resume)",
-                  highlight=False)
+        err.print(
+            "qbench: interrupted; the results file holds every finished case (rerun with --resume)", highlight=False
+        )
         return 130
     return EXIT_OK
 

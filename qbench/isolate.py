@@ -34,8 +34,12 @@ METHOD_MODULES_ENV = "QBENCH_METHOD_MODULES"
 def _cfg_to_json(cfg) -> dict:
     wl = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg.workload).items()}
     return {
-        "device": cfg.device, "reference": cfg.reference, "baselines": str(cfg.baselines), "lenient": cfg.lenient,
-        "update_baselines": cfg.update_baselines, "workload": wl,
+        "device": cfg.device,
+        "reference": cfg.reference,
+        "baselines": str(cfg.baselines),
+        "lenient": cfg.lenient,
+        "update_baselines": cfg.update_baselines,
+        "workload": wl,
     }
 
 
@@ -50,14 +54,24 @@ class CaseProcesses:
     def run(self, case: Case, progress) -> dict:
         job = self.tmp / f"{case.id}.job.json"
         out, log = self.tmp / f"{case.id}.result.json", self.tmp / f"{case.id}.log"
-        atomic_write_json(job, {
-            "spec": self.ctx.spec, "case": asdict(case), "cfg": _cfg_to_json(self.cfg),
-            "reference_dir": str(self.tmp / "reference"), "out": str(out),
-            "memory_limit": self.cfg.case_memory_limit,
-        })
+        atomic_write_json(
+            job,
+            {
+                "spec": self.ctx.spec,
+                "case": asdict(case),
+                "cfg": _cfg_to_json(self.cfg),
+                "reference_dir": str(self.tmp / "reference"),
+                "out": str(out),
+                "memory_limit": self.cfg.case_memory_limit,
+            },
+        )
         with log.open("wb") as log_f:
-            proc = subprocess.Popen([sys.executable, "-m", "qbench.isolate", str(job)], stdout=log_f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "qbench.isolate", str(job)],
+                stdout=log_f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         progress(case.id, f"running in process {proc.pid}")
         try:
             status, peak_rss, timed_out = _wait(proc, self.cfg.case_timeout_s)
@@ -80,8 +94,14 @@ class CaseProcesses:
             why = f"case process exited with status {code} without a result"
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return {
-            "id": case.id, "model": case.model, "method": case.method, "device": case.device,
-            "compute_dtype": case.compute_dtype, "status": ERROR, "reasons": [why], "log_tail": tail,
+            "id": case.id,
+            "model": case.model,
+            "method": case.method,
+            "device": case.device,
+            "compute_dtype": case.compute_dtype,
+            "status": ERROR,
+            "reasons": [why],
+            "log_tail": tail,
             "memory": {"process_peak_rss_bytes": peak_rss, "source": "VmHWM of the case process, polled every 50 ms"},
         }
 
@@ -137,9 +157,16 @@ def _child(job_path: str) -> None:
     c = job["cfg"]
     wl = {k: tuple(v) if isinstance(v, list) else v for k, v in c["workload"].items()}
     wl = Workload(**{**wl, "eval_text": Path(wl["eval_text"]), "prompts": Path(wl["prompts"])})
-    cfg = RunConfig(models=[job["spec"]], methods=[job["case"]["method"]], device=c["device"],
-                    reference=c["reference"], workload=wl, baselines=Path(c["baselines"]),
-                    update_baselines=c["update_baselines"], lenient=c["lenient"])
+    cfg = RunConfig(
+        models=[job["spec"]],
+        methods=[job["case"]["method"]],
+        device=c["device"],
+        reference=c["reference"],
+        workload=wl,
+        baselines=Path(c["baselines"]),
+        update_baselines=c["update_baselines"],
+        lenient=c["lenient"],
+    )
     ctx = prepare_model(job["spec"], cfg)
     ctx.reference, ctx.reference_greedy = stored_reference.load(Path(job["reference_dir"]), ctx.fingerprints)
     if job.get("memory_limit"):

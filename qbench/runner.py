@@ -182,8 +182,15 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     """Load, quantize and run one case; return its measurements (no judging here)."""
     method = methods.get(case.method)
     wl = cfg.workload
-    est = estimate(ctx.path, case.method, max(wl.contexts), max(wl.batches), wl.new_tokens, case.device,
-                   compute_dtype=case.compute_dtype)
+    est = estimate(
+        ctx.path,
+        case.method,
+        max(wl.contexts),
+        max(wl.batches),
+        wl.new_tokens,
+        case.device,
+        compute_dtype=case.compute_dtype,
+    )
     if est["fits"] is False:
         raise DoesNotFit(f"not loaded: the pre-flight estimate says it does not fit: {peak_summary(est)}")
     progress(case.id, "loading + quantizing")
@@ -382,8 +389,12 @@ def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     }
 
 
-def run_cases(cfg: RunConfig, progress: Progress = _quiet, done: dict[str, dict] | None = None,
-              on_case: Callable[[dict], None] | None = None) -> dict:
+def run_cases(
+    cfg: RunConfig,
+    progress: Progress = _quiet,
+    done: dict[str, dict] | None = None,
+    on_case: Callable[[dict], None] | None = None,
+) -> dict:
     """Run every model × method of ``cfg``; return the results document (schema qbench.results/1).
 
     ``done`` maps case ids to results of an earlier, interrupted run: those cases are kept, not rerun.

@@ -93,12 +93,10 @@ class CaseProcesses:
         else:
             why = f"case process exited with status {code} without a result"
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        from qbench.runner import case_fields
+
         return {
-            "id": case.id,
-            "model": case.model,
-            "method": case.method,
-            "device": case.device,
-            "compute_dtype": case.compute_dtype,
+            **case_fields(case),
             "status": ERROR,
             "reasons": [why],
             "log_tail": tail,

@@ -317,7 +317,8 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     if cfg.update_baselines:
         old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline else {}
         store.write(cfg.baselines, case, record)
-        perf_baseline.write(store.case_dir(cfg.baselines, case), m["perf"], m["memory"], case.device)
+        if perf_baseline.timed_enough(cfg.workload):
+            perf_baseline.write(store.case_dir(cfg.baselines, case), m["perf"], m["memory"], case.device)
         store.discard_obtained(cfg.baselines, case)
         new = {**record["quality"], "weights_bytes": record["footprint"]["weights_bytes"]}
         info["updated"] = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
@@ -336,6 +337,8 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     stored_perf = perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
     if stored_perf is None:
         info["perf_note"] = f"no perf baseline for {perf_baseline.device_slug(case.device)}: speed not gated"
+    elif not perf_baseline.timed_enough(cfg.workload):
+        info["perf_note"] = f"speed not gated: {perf_baseline.MIN_REPEAT}+ timed runs after a warm-up are needed"
     elif not refused:
         p_reasons, info["perf_note"] = perf_baseline.gate(m["perf"], m["memory"], case.device, stored_perf, label)
         r_reasons += p_reasons
@@ -351,14 +354,14 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
 def _error_result(case: Case, exc: BaseException) -> dict:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return {
-        **_case_fields(case),
+        **case_fields(case),
         "status": ERROR,
         "reasons": [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"],
         "log_tail": "".join(tb).splitlines()[-12:],
     }
 
 
-def _case_fields(case: Case) -> dict:
+def case_fields(case: Case) -> dict:
     return {
         "id": case.id,
         "model": case.model,
@@ -380,7 +383,7 @@ def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     m["greedy_ids"] = m.pop("greedy")
     m.pop("greedy_margins")
     return {
-        **_case_fields(case),
+        **case_fields(case),
         "status": status,
         "reasons": reasons,
         **m,

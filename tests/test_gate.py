@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_mutations import ScalesTooLarge  # the planted 2% scale error, defined once
 
 from qbench.baselines import store
 from qbench.errors import UsageError
 from qbench.methods import registry
-from qbench.methods.bnb import NF4
 from qbench.runner import RunConfig, run_cases
 from qbench.workload import Workload
 
@@ -36,18 +36,6 @@ def _only(res) -> dict:
     return case
 
 
-class _ScaledNF4(NF4):
-    """bnb-nf4 with every block scale 2% too large: a planted regression."""
-
-    def load(self, req):
-        model = super().load(req)
-        for m in model.modules():
-            state = getattr(getattr(m, "weight", None), "quant_state", None)
-            if state is not None:
-                state.absmax.mul_(1.02)
-        return model
-
-
 def test_benign_rerun_passes(root):
     case = _only(run_cases(_cfg(root)))
     assert case["status"] == "pass", case["reasons"]
@@ -57,7 +45,7 @@ def test_benign_rerun_passes(root):
 def test_planted_scale_error_is_a_regression_and_baseline_is_kept(root, monkeypatch):
     path = root / "glm-tiny" / "bnb-nf4" / "cpu" / store.BASELINE_FILE
     before = path.read_bytes()
-    monkeypatch.setitem(registry._REGISTRY, "bnb-nf4", _ScaledNF4())
+    monkeypatch.setitem(registry._REGISTRY, "bnb-nf4", ScalesTooLarge())
     case = _only(run_cases(_cfg(root)))
     assert case["status"] == "regression", case["reasons"]
     assert any("vs baseline" in r for r in case["reasons"]), case["reasons"]

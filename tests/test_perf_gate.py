@@ -48,3 +48,11 @@ def test_cuda_memory_growth_fails(tmp_path):
 def test_slug_names_the_exact_device():
     slug = perf.device_slug("cpu")
     assert slug.startswith("cpu-") and slug.endswith("c") and " " not in slug
+
+
+def test_single_cold_runs_neither_make_nor_meet_a_perf_baseline():
+    from qbench.workload import Workload
+
+    assert perf.timed_enough(Workload())  # the default: 5 timed runs after a warm-up
+    assert not perf.timed_enough(Workload(repeat=1))
+    assert not perf.timed_enough(Workload(warmup=0))

@@ -94,6 +94,9 @@ PLANTED = {
     "fp16-compute-vs-bf16": ("bnb-nf4", FP16Compute),
     "sampling-switched-on": ("bnb-nf4", SamplingOn),
 }
+# The quality gates are under test here: one short speed run, too few timed runs for the perf gate to judge
+# (speed settings are outside the quality fingerprint, so the stored baselines still apply).
+QUALITY_ONLY = Workload(repeat=1, warmup=0, new_tokens=4)
 BENIGN = [
     ("bf16", 1),
     ("bnb-nf4", 1),
@@ -127,7 +130,7 @@ def scratch_baselines(tmp_path, ctx):
 
 def _verdict(ctx, method: str, root) -> dict:
     cfg, c = ctx
-    cfg = RunConfig(baselines=root)
+    cfg = RunConfig(baselines=root, workload=QUALITY_ONLY)
     case = Case("glm-tiny", method, "cpu", registry.get(method).default_compute_dtype)
     m = measure_case(case, c, cfg, lambda *_: None)
     status, reasons, _ = judge_case(case, c, m, cfg)
@@ -163,7 +166,8 @@ def test_truncated_eval_text_is_refused(tmp_path, scratch_baselines):
     text = EVAL_TEXT.read_text(encoding="utf-8")
     short = tmp_path / "eval-truncated.txt"
     short.write_text(text[: len(text) // 2], encoding="utf-8")
-    res = run_cases(RunConfig(methods=["bnb-nf4"], baselines=scratch_baselines, workload=Workload(eval_text=short)))
+    wl = Workload(eval_text=short, repeat=1, warmup=0, new_tokens=4)
+    res = run_cases(RunConfig(methods=["bnb-nf4"], baselines=scratch_baselines, workload=wl))
     (case,) = res["cases"]
     assert case["status"] == "error" and "workload fingerprint" in " ".join(case["reasons"])
 

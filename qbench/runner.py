@@ -151,8 +151,9 @@ def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
     )
 
 
-def _free(model) -> None:
-    del model
+def _collect() -> None:
+    """Return the memory of models the caller has just dropped (``del model`` first: a reference held here
+    would keep it alive)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -173,7 +174,8 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
     progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
     ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
-    _free(model)
+    del model
+    _collect()
     if cfg.update_baselines:
         stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)
 
@@ -249,7 +251,8 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         case.device,
         torch.cuda.get_device_name(case.device) if case.device.startswith("cuda") else "cpu",
     )
-    _free(model)
+    del model, head, emb
+    _collect()
     return {
         "estimate": est,
         "footprint": footprint,

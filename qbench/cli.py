@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     from qbench.estimate_cli import add_estimate_parser
 
     add_estimate_parser(sub)
+    conv = sub.add_parser("convert", help="ChatGLM3-format checkpoint → transformers GlmForCausalLM (no remote code)")
+    conv.add_argument("src", type=Path, help="ChatGLM3-format checkpoint directory (model_type chatglm)")
+    conv.add_argument("dst", type=Path, help="new directory for the GLM checkpoint")
+    conv.add_argument("--dequantize", action="store_true", help="write int8/int4 checkpoints in full precision")
+    conv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the source's)")
+    conv.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (pickle can run code)")
     rep = sub.add_parser("report", help="render a results JSON: table, Markdown, plot")
     rep.add_argument("results", type=Path, help="a results JSON written by qbench run --json")
     rep.add_argument(
@@ -291,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd in ("run", "baseline"):
             return _execute(args, update=args.cmd == "baseline", console=console, err=err)
+        if args.cmd == "convert":
+            from qbench.convert import convert
+
+            for note in convert(args.src, args.dst, args.dequantize, args.dtype, args.allow_pickle):
+                err.print(f"note: {note}", markup=False, highlight=False)
+            console.print(f"wrote {args.dst} (GlmForCausalLM)", markup=False, highlight=False)
+            return EXIT_OK
         if args.cmd == "estimate":
             from qbench.estimate_cli import run_estimate
 

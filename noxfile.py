@@ -123,3 +123,19 @@ def gpu_bench(session: nox.Session) -> None:
         failed = [c["id"] for c in json.load(f)["cases"] if c["status"] in ("drift", "regression", "error")]
     if failed:
         session.error(f"gpu-bench: {len(failed)} case(s) failed: {', '.join(failed)} (see {out}/summary.md)")
+
+
+@nox.session(default=False)
+def compat(session: nox.Session) -> None:
+    """The drift gate under given library versions, to bisect which upgrade changed the numbers.
+
+    `nox -s compat -- transformers==4.57.1 bitsandbytes==0.48.2`: installs qbench, then those pins, then runs
+    `pytest -m drift`; a regression against the stored baselines names the versions that moved them.
+    """
+    pins = [a for a in session.posargs if "==" in a]
+    if not pins:
+        session.error("name the versions to test, e.g. `nox -s compat -- transformers==4.57.1 bitsandbytes==0.48.2`")
+    _install(session)
+    session.install(*pins)
+    session.run("pip", "list", "--format=freeze", silent=False)
+    session.run("pytest", "-m", "drift", "tests/test_drift_gate.py", env={"HF_HUB_OFFLINE": "1"})

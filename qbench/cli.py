@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dequantize", action="store_true", help="write int8/int4 checkpoints in full precision")
     conv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the source's)")
     conv.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (pickle can run code)")
+    mrg = sub.add_parser("merge", help="combine the results files of shards into one")
+    mrg.add_argument("out", type=Path, help="merged results JSON to write")
+    mrg.add_argument("inputs", type=Path, nargs="+", help="results JSON files of the shards")
     rep = sub.add_parser("report", help="render a results JSON: table, Markdown, plot")
     rep.add_argument("results", type=Path, help="a results JSON written by qbench run --json")
     rep.add_argument(
@@ -297,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd in ("run", "baseline"):
             return _execute(args, update=args.cmd == "baseline", console=console, err=err)
+        if args.cmd == "merge":
+            from qbench.merge import merge_files
+            from qbench.verdict import FAILING
+
+            doc = merge_files(args.out, args.inputs)
+            console.print(f"wrote {args.out}: {len(doc['cases'])} cases from {len(args.inputs)} files", markup=False)
+            return EXIT_FAILED if any(c["status"] in FAILING for c in doc["cases"]) else EXIT_OK
         if args.cmd == "convert":
             from qbench.convert import convert
 

@@ -25,6 +25,12 @@ def pytest_addoption(parser) -> None:
     )
     g.addoption("--qbench-update-baselines", action="store_true", help="rewrite the baselines of the selected cases")
     g.addoption("--qbench-lenient", action="store_true", help="skip cases whose baseline fingerprints do not match")
+    g.addoption(
+        "--qbench-shard",
+        default="1/1",
+        metavar="I/N",
+        help="run only the I-th of N equal slices of the case matrix (one per CI machine or GPU)",
+    )
 
 
 def _device(config) -> str:
@@ -59,7 +65,7 @@ def pytest_generate_tests(metafunc) -> None:
 
     config = metafunc.config
     models = config.getoption("--qbench-model") or ["glm-tiny"]
-    methods = config.getoption("--qbench-method") or list(DRIFT_METHODS)
+    methods = methods_of(config)
     device = _device(config)
     cases = [
         (
@@ -76,7 +82,23 @@ def pytest_generate_tests(metafunc) -> None:
         for m in methods
         for dtype in _dtypes(config)
     ]
+    cases = shard(cases, config.getoption("--qbench-shard"))
     metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
+
+
+def shard(items: list, spec: str) -> list:
+    """The I-th of N round-robin slices of ``items`` (``spec`` is "I/N", 1-based)."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--qbench-shard {spec}: write I/N, e.g. 2/4") from None
+    if not 1 <= i <= n:
+        raise pytest.UsageError(f"--qbench-shard {spec}: I must be between 1 and N")
+    return items[i - 1 :: n]
+
+
+def methods_of(config) -> list[str]:
+    return config.getoption("--qbench-method") or list(DRIFT_METHODS)
 
 
 def _dtypes(config) -> list[str | None]:
@@ -99,15 +121,22 @@ def qbench_matrix_results(pytestconfig) -> dict:
     # are not part of the quality fingerprint, and a perf baseline for other settings is not compared).
     workload = Workload(repeat=1, warmup=0, new_tokens=4)
     out = {}
-    for dtype in _dtypes(pytestconfig):
-        cfg = RunConfig(
-            models=pytestconfig.getoption("--qbench-model") or ["glm-tiny"],
-            methods=pytestconfig.getoption("--qbench-method") or list(DRIFT_METHODS),
-            device=_device(pytestconfig),
-            compute_dtype=dtype,
-            workload=workload,
-            update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
-            lenient=pytestconfig.getoption("--qbench-lenient"),
-        )
-        out.update({c["id"]: c for c in run_cases(cfg)["cases"]})
+    models = pytestconfig.getoption("--qbench-model") or ["glm-tiny"]
+    triples = [(spec, m, d) for spec in models for m in methods_of(pytestconfig) for d in _dtypes(pytestconfig)]
+    selected = shard(triples, pytestconfig.getoption("--qbench-shard"))  # the same slice pytest_generate_tests took
+    for spec in models:
+        for dtype in _dtypes(pytestconfig):
+            chosen = [m for sp, m, d in selected if sp == spec and d == dtype]
+            if not chosen:
+                continue
+            cfg = RunConfig(
+                models=[spec],
+                methods=chosen,
+                device=_device(pytestconfig),
+                compute_dtype=dtype,
+                workload=workload,
+                update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
+                lenient=pytestconfig.getoption("--qbench-lenient"),
+            )
+            out.update({c["id"]: c for c in run_cases(cfg)["cases"]})
     return out

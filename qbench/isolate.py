@@ -24,7 +24,6 @@ from qbench.baselines.store import atomic_write_json
 from qbench.case import Case
 from qbench.verdict import ERROR
 
-LOG_TAIL_LINES = 20
 POLL_S = 0.05
 # Extra modules that register methods (``mypkg.methods``, comma-separated): imported by every case process,
 # so a method defined outside qbench runs isolated like a built-in one.
@@ -92,8 +91,9 @@ class CaseProcesses:
                 why += " (the kernel's OOM killer sends it when memory runs out)"
         else:
             why = f"case process exited with status {code} without a result"
+        from qbench.runner import LOG_TAIL_LINES, case_fields
+
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
-        from qbench.runner import case_fields
 
         return {
             **case_fields(case),

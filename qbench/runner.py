@@ -45,6 +45,7 @@ from qbench.workload import Workload
 
 RESULTS_SCHEMA = "qbench.results/1"
 DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
+LOG_TAIL_LINES = 20  # lines of traceback or case-process log kept in an error verdict
 
 
 @dataclass
@@ -360,7 +361,7 @@ def _error_result(case: Case, exc: BaseException) -> dict:
         **case_fields(case),
         "status": ERROR,
         "reasons": [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"],
-        "log_tail": "".join(tb).splitlines()[-12:],
+        "log_tail": "".join(tb).splitlines()[-LOG_TAIL_LINES:],
     }
 
 

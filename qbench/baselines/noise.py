@@ -23,9 +23,7 @@ def measure(methods: list[str], threads: list[int], repeats: int, model: str = "
     for n in threads:
         torch.set_num_threads(n)
         for _ in range(repeats):
-            res = run_cases(
-                RunConfig(models=[model], methods=methods, update_baselines=False, baselines=RunConfig().baselines)
-            )
+            res = run_cases(RunConfig(models=[model], methods=methods))
             for c in res["cases"]:
                 for tol in REGRESSION_TOLERANCES:
                     if tol.metric in c.get("quality", {}):

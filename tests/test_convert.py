@@ -149,3 +149,21 @@ def test_shard_index_naming_missing_files_is_refused(tmp_path):
     )
     with pytest.raises(UsageError, match="missing shard.*model-00002-of-00002"):
         convert(src, tmp_path / "g")
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4], ids=["fp", "int8", "int4"])
+def test_direct_load_matches_chatglm_forward(tmp_path, bits):
+    """`qbench run --model CHATGLM_DIR` reads the checkpoint as it is: int weights stay int in ChatGLMQuantLinear."""
+    from qbench.methods.chatglm import ChatGLMQuantLinear
+    from qbench.models import chatglm_checkpoint
+
+    src = export_chatglm(zoo.resolve("glm-tiny"), tmp_path / "chatglm", bits=bits)
+    cc = json.loads((src / "config.json").read_text())
+    ref = chatglm_forward(load_file(str(src / "model.safetensors")), cc, IDS)
+    model = chatglm_checkpoint.load(src, "cpu", torch.float32, keep_bits=bits)
+    quantized = [m for m in model.modules() if isinstance(m, ChatGLMQuantLinear)]
+    assert len(quantized) == (0 if bits is None else 6 * cc["num_layers"])  # q, k, v, o, gate_up, down
+    with torch.no_grad():
+        diff = (model(IDS[None]).logits[0].double() - ref).abs().max().item()
+    assert diff < 1e-3, diff  # same bound and reason as test_convert_matches_chatglm_forward
+    print(f"\n{bits or 'fp'} direct: max |logit diff| {diff:.2e}")

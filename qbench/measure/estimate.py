@@ -176,6 +176,10 @@ def load_config(path_or_config) -> PretrainedConfig:
             where = str(path / "config.json")
             data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type == "chatglm":  # ChatGLM3's format: estimated as the GlmForCausalLM qbench loads it as
+        from qbench.models.chatglm_checkpoint import glm_config
+
+        data, model_type = glm_config(data), "glm"
     if model_type not in zoo.SUPPORTED_MODEL_TYPES:
         raise UsageError(
             f"--model {where}: model_type {model_type!r} is not supported; qbench estimates "
@@ -439,6 +443,16 @@ def estimate(
     logits = logits_full if keep_logits == "all" else logits_last
     overhead, overhead_note = runtime_overhead(fmt, device)
     load = load_phase(config, fmt, table, device)
+    if fmt.scheme == "chatglm" and _prequantized_bits(path_or_config) == fmt.bits:
+        # qbench's ChatGLM reader builds the quantized modules from the stored int tensors, one at a time: the
+        # model as kept, plus the largest tensor in flight; nothing unquantized ever exists.
+        in_flight = max(t.nbytes for t in tensors)
+        load = {
+            "bytes": weights + in_flight,
+            "pages": 0,
+            "retained_pages": 0,
+            "note": "a prequantized ChatGLM checkpoint: its int weights load as stored, one tensor at a time",
+        }
     runtime = overhead + load["retained_pages"] + weights + kv + act + transient + logits
     load_peak = overhead + load["bytes"]
     peak = max(runtime, load_peak)
@@ -486,6 +500,15 @@ def estimate(
         "fits": None if avail is None else peak <= avail,
         "headroom_bytes": None if avail is None else avail - peak,
     }
+
+
+def _prequantized_bits(path_or_config) -> int | None:
+    """The quantization_bit of a ChatGLM-format checkpoint directory (None for anything else)."""
+    from qbench.models.loading import chatglm_bits
+
+    if not isinstance(path_or_config, (str, Path)) or not Path(path_or_config).expanduser().is_dir():
+        return None
+    return chatglm_bits(Path(path_or_config).expanduser())
 
 
 def checkpoint_bytes(config: PretrainedConfig, table: WeightTable) -> int | None:

@@ -19,7 +19,7 @@ class _Bnb(Method):
 
     def load(self, req: LoadRequest):
         dtype = torch_dtype(req.compute_dtype)
-        return load_causal_lm(req.path, req.device, dtype, quantization_config=self.config(dtype))
+        return load_causal_lm(req.path, req.device, dtype, quantization_config=self.config(dtype), **req.load_kwargs())
 
     def quantized_modules(self, model) -> list[str]:
         import bitsandbytes as bnb

@@ -26,7 +26,7 @@ from torch import nn
 from qbench.formats import chatglm as fmt
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
-from qbench.models.loading import load_causal_lm
+from qbench.models.loading import chatglm_bits, load_causal_lm
 
 TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj"})
 
@@ -96,10 +96,24 @@ class _ChatGLM(Method):
     bits: int
 
     def load(self, req: LoadRequest):
-        model = load_causal_lm(req.path, req.device, torch_dtype(req.compute_dtype))
+        dtype = torch_dtype(req.compute_dtype)
+        if chatglm_bits(req.path) is not None:  # a ChatGLM prequantized checkpoint: its int weights load as stored
+            from qbench.models import chatglm_checkpoint
+
+            return chatglm_checkpoint.load(req.path, req.device, dtype, keep_bits=self.bits, device_map=req.device_map)
+        model = load_causal_lm(req.path, req.device, dtype, **req.load_kwargs())
         with torch.no_grad():
             quantize_model(model, self.bits)
         return model
+
+    def checkpoint_problem(self, path):
+        bits = chatglm_bits(path)
+        if bits is not None and bits != self.bits:
+            return (
+                f"the checkpoint is ChatGLM's {bits}-bit quantization; run it with --method chatglm-int{bits}, or "
+                f"dequantize it first (`qbench convert {path} DST --dequantize`)"
+            )
+        return None
 
     def quantized_modules(self, model) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, ChatGLMQuantLinear)]

@@ -13,7 +13,10 @@ class _Reference(Method):
     quality_bounds = UNQUANTIZED
 
     def load(self, req: LoadRequest):
-        return load_causal_lm(req.path, req.device, torch_dtype(self.default_compute_dtype))
+        return load_causal_lm(req.path, req.device, torch_dtype(self.default_compute_dtype), **req.load_kwargs())
+
+    def checkpoint_problem(self, path):
+        return None  # ChatGLM3-format checkpoints load too (a prequantized one dequantized)
 
 
 @register

@@ -33,6 +33,13 @@ class LoadRequest:
     path: Path
     device: str  # a torch device string: "cpu", "cuda", "cuda:1"
     compute_dtype: str  # one of DTYPES
+    # An accelerate device map (module name → device index, "cpu" or "disk") spreading the model over several
+    # devices, already checked by qbench.plan; None puts the whole model on ``device``.
+    device_map: dict | None = None
+    max_memory: dict | None = None  # bytes per device, passed to from_pretrained with the device map
+
+    def load_kwargs(self) -> dict:
+        return {"device_map": self.device_map, "max_memory": self.max_memory}
 
 
 class Method:
@@ -49,6 +56,21 @@ class Method:
 
     def load(self, req: LoadRequest) -> PreTrainedModel:
         raise NotImplementedError
+
+    def checkpoint_problem(self, path: Path) -> str | None:
+        """Why this method cannot load the checkpoint at ``path`` (one line, with the fix), or None if it can.
+
+        By default a method loads transformers-format checkpoints only; ChatGLM3-format ones (model_type
+        ``chatglm``) need converting first.
+        """
+        from qbench.models.loading import is_chatglm
+
+        if is_chatglm(path):
+            return (
+                f"{self.name} loads transformers-format checkpoints; convert this ChatGLM3-format one first "
+                f"(`qbench convert {path} DST`) or use a method that reads it (bf16, fp16, fp32, chatglm-int8/int4)"
+            )
+        return None
 
     def quantized_modules(self, model: PreTrainedModel) -> list[str]:
         """Names of the modules this method replaced with quantized ones (empty for references)."""

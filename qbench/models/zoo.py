@@ -22,6 +22,7 @@ PROMPTS = DATA_DIR / "prompts.json"
 
 # model_type values qbench loads with transformers' own classes (no remote code).
 SUPPORTED_MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+# ChatGLM3's own format (model_type "chatglm") is read too, as GlmForCausalLM: see qbench.models.chatglm_checkpoint.
 
 
 @dataclass(frozen=True)
@@ -158,11 +159,14 @@ def check_checkpoint_dir(path: Path) -> Path:
         model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"--model {path}: config.json is not valid JSON ({e}); fix or re-download it") from None
-    if model_type == "chatglm":
-        raise UsageError(
-            f"--model {path}: a ChatGLM3-format checkpoint (model_type 'chatglm') needs remote code; qbench does not "
-            "load it directly yet; use a GLM checkpoint in transformers' format (model_type 'glm')"
-        )
+    if model_type == "chatglm":  # ChatGLM3's own format: read without remote code (qbench.models.chatglm_checkpoint)
+        from qbench.models.chatglm_checkpoint import ChatGLMCheckpoint
+
+        try:
+            ChatGLMCheckpoint(path)
+        except UsageError as e:
+            raise UsageError(f"--model {path}: {e}") from None
+        return path
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UsageError(
             f"--model {path}: model_type {model_type!r} is not supported; qbench runs "

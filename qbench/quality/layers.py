@@ -38,9 +38,28 @@ def _read(index: dict[str, Path], key: str) -> torch.Tensor | None:
         return st.get_tensor(key)
 
 
+class _GlmReader:
+    """The checkpoint's tensors under the model's names: a transformers checkpoint as stored, a ChatGLM3-format one
+    through its name map (a prequantized one dequantized: its own weights are the int ones)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        from qbench.models.chatglm_checkpoint import ChatGLMCheckpoint, read_config
+
+        self.chatglm = ChatGLMCheckpoint(checkpoint) if read_config(checkpoint) is not None else None
+        self.index = None if self.chatglm else _tensor_index(checkpoint)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.chatglm.map if self.chatglm else key in self.index
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if self.chatglm:
+            return self.chatglm.tensor(key, torch.float32, dequantize=True) if key in self.chatglm.map else None
+        return _read(self.index, key)
+
+
 def layer_errors(model, names: list[str], checkpoint: Path, ids: torch.Tensor) -> dict[str, float]:
     """Relative output error per quantized module name, on one forward of ``ids`` ([1, T])."""
-    index = _tensor_index(checkpoint)
+    index = _GlmReader(checkpoint)
     modules = dict(model.named_modules())
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
@@ -60,8 +79,8 @@ def layer_errors(model, names: list[str], checkpoint: Path, ids: torch.Tensor) -
             h.remove()
     errors = {}
     for name, (x, y) in captured.items():
-        w = _read(index, f"{name}.weight").float().to(x.device)
-        b = _read(index, f"{name}.bias")
+        w = index.get(f"{name}.weight").float().to(x.device)
+        b = index.get(f"{name}.bias")
         ref = F.linear(x.float(), w, None if b is None else b.float().to(x.device))
         errors[name] = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     return errors

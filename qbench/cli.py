@@ -77,6 +77,23 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--reference", default="bf16", help="method the drift is measured against (default: bf16)")
     g.add_argument(
+        "--reference-model",
+        metavar="ID|PATH",
+        help="score the reference on this checkpoint instead of the model itself: the full-precision model a "
+        "prequantized checkpoint was made from (same tokenizer)",
+    )
+    g.add_argument(
+        "--device-map",
+        metavar="auto|balanced|sequential|PATH",
+        help="spread each model over GPUs: planned with accelerate within --max-memory, or a JSON device map "
+        "(module name → GPU index or cpu), checked before anything loads",
+    )
+    g.add_argument(
+        "--max-memory",
+        metavar="0=20GiB,1=20GiB,cpu=64GiB",
+        help="memory each device may use for --device-map (default: what each device has free now)",
+    )
+    g.add_argument(
         "--reference-source",
         choices=["compute", "stored"],
         default="compute",
@@ -163,7 +180,12 @@ def _run_config(args, update: bool):
         isolate=not args.in_process,
         case_timeout_s=args.case_timeout,
         case_memory_limit=int(args.case_memory_limit * 2**30) if args.case_memory_limit else None,
+        reference_model=args.reference_model,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
     )
+    if args.max_memory and not args.device_map:
+        raise UsageError("--max-memory caps the devices of --device-map; pass --device-map auto (or a map) too")
     if args.baselines:
         cfg.baselines = args.baselines
     return cfg
@@ -268,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     mrg = sub.add_parser("merge", help="combine the results files of shards into one")
     mrg.add_argument("out", type=Path, help="merged results JSON to write")
     mrg.add_argument("inputs", type=Path, nargs="+", help="results JSON files of the shards")
+    cmp_ = sub.add_parser(
+        "compare",
+        help="judge results B against results A (before/after an upgrade): exit 1 if B regressed",
+    )
+    cmp_.add_argument("a", type=Path, help="results JSON of the earlier run (stands in for the baseline)")
+    cmp_.add_argument("b", type=Path, help="results JSON of the later run")
+    cmp_.add_argument("--markdown", type=Path, metavar="PATH", help="write the comparison as Markdown")
+    cmp_.add_argument("--json", type=Path, metavar="PATH", help="write the comparison (qbench.compare/1)")
     rep = sub.add_parser("report", help="render a results JSON: table, Markdown, plot")
     rep.add_argument("results", type=Path, help="a results JSON written by qbench run --json")
     rep.add_argument(
@@ -307,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             doc = merge_files(args.out, args.inputs)
             console.print(f"wrote {args.out}: {len(doc['cases'])} cases from {len(args.inputs)} files", markup=False)
             return EXIT_FAILED if any(c["status"] in FAILING for c in doc["cases"]) else EXIT_OK
+        if args.cmd == "compare":
+            from qbench.compare import run as run_compare
+
+            return EXIT_FAILED if run_compare(args.a, args.b, console, args.markdown, args.json) else EXIT_OK
         if args.cmd == "convert":
             from qbench.convert import convert
 

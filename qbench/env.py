@@ -83,4 +83,6 @@ def collect(device: str) -> dict:
         "platform": platform.platform(),
         "device": device_info(device),
         "git_revision": git_revision(),
+        # Which GPUs this process was given (an xdist worker is pinned to one): part of where the numbers came from.
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }

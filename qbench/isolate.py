@@ -38,6 +38,9 @@ def _cfg_to_json(cfg) -> dict:
         "baselines": str(cfg.baselines),
         "lenient": cfg.lenient,
         "update_baselines": cfg.update_baselines,
+        "reference_model": cfg.reference_model,
+        "device_map": cfg.device_map,
+        "max_memory": cfg.max_memory,
         "workload": wl,
     }
 
@@ -164,6 +167,9 @@ def _child(job_path: str) -> None:
         baselines=Path(c["baselines"]),
         update_baselines=c["update_baselines"],
         lenient=c["lenient"],
+        reference_model=c["reference_model"],
+        device_map=c["device_map"],
+        max_memory=c["max_memory"],
     )
     ctx = prepare_model(job["spec"], cfg)
     ctx.reference, ctx.reference_greedy = stored_reference.load(Path(job["reference_dir"]), ctx.fingerprints)

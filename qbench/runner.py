@@ -63,6 +63,13 @@ class RunConfig:
     isolate: bool = False  # each case in its own process (the CLI's default); in-process for library callers
     case_timeout_s: float = 3600.0  # isolated cases only: past this a case is killed and becomes an error
     case_memory_limit: int | None = None  # isolated cases only: extra address space a case may map (bytes)
+    # Full-precision checkpoint the reference is scored on (default: the model itself); e.g. the model a
+    # prequantized ChatGLM checkpoint was made from. Its tokenizer must be the model's.
+    reference_model: str | None = None
+    # Spread each model over devices: "auto"/"balanced", "sequential" (planned by qbench.plan with accelerate) or a
+    # JSON device map's path; ``max_memory`` ("0=20GiB,1=20GiB,cpu=64GiB") caps each device.
+    device_map: str | None = None
+    max_memory: str | None = None
 
     def reference_dir(self, ctx: ModelContext) -> Path:
         return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
@@ -80,8 +87,19 @@ class RunConfig:
         check_device(self.device)
         self.workload.text()
         self.workload.prompt_set()
+        ref_path = zoo.resolve(self.reference_model) if self.reference_model else None
         for spec in self.models:
-            zoo.resolve(spec)
+            path = zoo.resolve(spec)
+            for name in self.methods:
+                if problem := methods.get(name).checkpoint_problem(path):
+                    raise UsageError(f"--model {spec} --method {name}: {problem}")
+            if ref_path is not None:
+                _check_reference_model(spec, path, self.reference_model, ref_path)
+            if problem := methods.get(self.reference).checkpoint_problem(ref_path or path):
+                raise UsageError(f"--reference {self.reference} on {ref_path or spec}: {problem}")
+            if self.device_map is not None:
+                for name in self.methods:
+                    check_plan(device_plan(path, name, self), self)
 
 
 def check_device(device: str) -> None:
@@ -96,6 +114,112 @@ def check_device(device: str) -> None:
             raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif dev.type != "cpu":
         raise UsageError(f"--device {device}: qbench runs on cpu or cuda")
+
+
+def _check_reference_model(spec: str, path: Path, ref_spec: str, ref_path: Path) -> None:
+    from qbench.measure.estimate import load_config
+
+    if tokenizer_fingerprint(path) != tokenizer_fingerprint(ref_path):
+        raise UsageError(
+            f"--reference-model {ref_spec}: its tokenizer differs from {spec}'s, so their logits do not compare; "
+            "pass the full-precision checkpoint this model was made from"
+        )
+    ours, theirs = load_config(path).vocab_size, load_config(ref_path).vocab_size
+    if ours != theirs:
+        raise UsageError(
+            f"--reference-model {ref_spec}: vocabulary of {theirs} tokens, {spec} has {ours}; pass the "
+            "full-precision checkpoint this model was made from"
+        )
+
+
+DEVICE_MAP_STRATEGIES = {"auto": "balanced", "balanced": "balanced", "sequential": "sequential"}
+
+
+def memory_budgets(cfg: RunConfig) -> dict:
+    """--max-memory as bytes per device; without it, for a planned map, each visible GPU's free memory and the
+    CPU's available memory now (what from_pretrained's device_map="auto" starts from)."""
+    from qbench import plan as planning
+
+    if cfg.max_memory:
+        return planning.parse_max_memory(cfg.max_memory)
+    if cfg.device_map not in DEVICE_MAP_STRATEGIES:
+        return {}
+    import psutil
+
+    budgets: dict = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    return {**budgets, "cpu": psutil.virtual_memory().available}
+
+
+def device_plan(path: Path, method: str, cfg: RunConfig, compute_dtype: str | None = None) -> dict:
+    """Where ``method``'s model goes under ``cfg.device_map`` (qbench.plan: accelerate's planner on the meta
+    device, sized for the method), checked before anything loads."""
+    from qbench import plan as planning
+
+    wl = cfg.workload
+    strategy = DEVICE_MAP_STRATEGIES.get(cfg.device_map)
+    user_map = None if strategy else planning.load_device_map(cfg.device_map)
+    budgets = memory_budgets(cfg)
+    if strategy and not any(isinstance(k, int) for k in budgets):
+        raise UsageError(
+            f"--device-map {cfg.device_map}: no CUDA device is visible to plan over; run on a GPU box, pass "
+            "--max-memory 0=20GiB,1=20GiB to plan for GPUs here, or drop --device-map"
+        )
+    return planning.plan(
+        path,
+        method,
+        budgets,
+        strategy=strategy or "balanced",
+        context=max(wl.contexts),
+        batch=max(wl.batches),
+        new_tokens=wl.new_tokens,
+        compute_dtype=compute_dtype or cfg.compute_dtype,
+        device_map=user_map,
+    )
+
+
+def check_plan(plan: dict, cfg: RunConfig) -> None:
+    """Bad input in a device map: tensors it places nowhere, GPUs that are not there, a device it contradicts."""
+    from qbench import plan as planning
+
+    where = f"--device-map {cfg.device_map}"
+    if plan["unassigned"]:
+        first = plan["unassigned"][0].rsplit(".", 1)[0]
+        raise UsageError(
+            f"{where}: gives no device for {len(plan['unassigned'])} parameter(s)/buffer(s): "
+            f'{planning.summarize(plan["unassigned"])}; assign them or their module, e.g. "{first}": 0'
+        )
+    if plan["unknown_keys"]:
+        raise UsageError(
+            f"{where}: keys that name nothing in the model: {planning.summarize(plan['unknown_keys'])}; fix the names"
+        )
+    gpus = sorted({d for d in plan["device_map"].values() if isinstance(d, int)})
+    if gpus and not cfg.device.startswith("cuda"):
+        raise UsageError(f"{where}: places modules on GPU {gpus[0]} but --device is {cfg.device}; pass --device cuda")
+    if gpus and gpus[-1] >= torch.cuda.device_count():
+        raise UsageError(
+            f"{where}: places modules on GPU {gpus[-1]} but {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    if not gpus and cfg.device.startswith("cuda"):
+        raise UsageError(f"{where}: places nothing on a GPU but --device is {cfg.device}; pass --device cpu")
+    if "disk" in plan["device_map"].values():
+        raise UsageError(f"{where}: offloads to disk; qbench measures models held in memory, give them cpu instead")
+    if plan["offloaded"] and methods.get(plan["method"]).family == "chatglm":
+        raise UsageError(
+            f"{where}: offloads {planning.summarize(plan['offloaded'])} to the CPU while GPUs run the rest; "
+            f"{plan['method']} quantizes modules in place and cannot quantize offloaded ones; give them a GPU"
+        )
+
+
+def observed_placement(model, device_map: dict) -> dict[str, str]:
+    """Where each device-map entry's tensors really are after loading, in the map's own terms ("0", "cpu"); an
+    entry whose tensors sit on several devices lists them all, and one offloaded by accelerate shows "meta"."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    out = {}
+    for key in device_map:
+        under = {t.device for n, t in tensors if key == "" or n == key or n.startswith(key + ".")}
+        names = sorted(str(d.index if d.type == "cuda" else d.type) for d in under)
+        out[key] = ",".join(names)
+    return out
 
 
 Progress = Callable[[str, str], None]
@@ -121,12 +245,14 @@ class ModelContext:
     speed_ids: torch.Tensor
     prompts: dict
     fingerprints: dict
+    reference_path: Path | None = None  # where the reference is scored (default: path)
     reference: Reference | None = None
     reference_greedy: list[list[int]] | None = None
 
 
 def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
     path = zoo.resolve(spec)
+    ref_path = zoo.resolve(cfg.reference_model) if cfg.reference_model else path
     tokenizer = load_tokenizer(path)
     wl = cfg.workload
     ids = torch.tensor(tokenizer(wl.text(), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
@@ -139,6 +265,7 @@ def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
         spec=spec,
         name=zoo.model_id(spec),
         path=path,
+        reference_path=ref_path,
         tokenizer=tokenizer,
         eval_ids=eval_ids,
         speed_ids=speed[None],
@@ -147,7 +274,8 @@ def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
             "model": model_fingerprint(path),
             "tokenizer": tokenizer_fingerprint(path),
             "workload": wl.fingerprint(),
-            "reference": cfg.reference,
+            # The reference method, and when it is scored on another checkpoint, that checkpoint's fingerprint.
+            "reference": cfg.reference if ref_path == path else f"{cfg.reference}@{model_fingerprint(ref_path)}",
         },
     )
 
@@ -160,8 +288,11 @@ def _collect() -> None:
         torch.cuda.empty_cache()
 
 
-def _load(method: methods.Method, ctx: ModelContext, device: str, dtype: str):
-    return method.load(methods.LoadRequest(ctx.path, device, dtype))
+def _load(method: methods.Method, path: Path, device: str, dtype: str, plan: dict | None = None):
+    if plan is None:
+        return method.load(methods.LoadRequest(path, device, dtype))
+    budgets = {(int(k) if k.isdigit() else k): v for k, v in (plan["max_memory"] or {}).items()}
+    return method.load(methods.LoadRequest(path, device, dtype, plan["device_map"], budgets or None))
 
 
 def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
@@ -170,8 +301,18 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
         ctx.reference, ctx.reference_greedy = stored_reference.load(cfg.reference_dir(ctx), ctx.fingerprints)
         return
     method = methods.get(cfg.reference)
+    from qbench.models.loading import chatglm_bits
+
+    if bits := chatglm_bits(ctx.reference_path):
+        progress(
+            f"{ctx.name} reference",
+            f"note: the checkpoint is ChatGLM's {bits}-bit quantization, so the reference is its dequantized "
+            "weights and drift shows the compute path only; pass --reference-model FULL_PRECISION_DIR to see the "
+            "quantization's own drift",
+        )
     progress(f"{ctx.name} reference", f"loading {cfg.reference}")
-    model = _load(method, ctx, cfg.device, method.default_compute_dtype)
+    plan = device_plan(ctx.reference_path, cfg.reference, cfg) if cfg.device_map else None
+    model = _load(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)
     progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
     ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
@@ -194,13 +335,24 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         case.device,
         compute_dtype=case.compute_dtype,
     )
-    if est["fits"] is False:
+    plan = device_plan(ctx.path, case.method, cfg, case.compute_dtype) if cfg.device_map else None
+    if plan is not None:
+        check_plan(plan, cfg)
+        if plan["fits"] is False:
+            over = [
+                f"{d} needs {row['total_bytes'] / 2**30:.2f} of {row['budget_bytes'] / 2**30:.2f} GiB"
+                for d, row in plan["devices"].items()
+                if row["fits"] is False
+            ]
+            raise DoesNotFit(f"not loaded: the device map does not fit: {'; '.join(over)}")
+    elif est["fits"] is False:
         raise DoesNotFit(f"not loaded: the pre-flight estimate says it does not fit: {peak_summary(est)}")
     progress(case.id, "loading + quantizing")
     t0 = time.perf_counter()
     with track_peak(case.device) as load_mem:
-        model = _load(method, ctx, case.device, case.compute_dtype)
+        model = _load(method, ctx.path, case.device, case.compute_dtype, plan)
     load_s = time.perf_counter() - t0
+    loaded_map = observed_placement(model, plan["device_map"]) if plan is not None else None
     quantized = method.quantized_modules(model)
     footprint = {"weights_bytes": weights_bytes(model), "quantized_modules": len(quantized)}
     head = model.get_output_embeddings()
@@ -254,8 +406,17 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     )
     del model, head, emb
     _collect()
+    placement = None
+    if plan is not None:
+        placement = {
+            "source": plan["source"],
+            "devices": {d: {k: r[k] for k in ("layers", "weights_bytes", "fits")} for d, r in plan["devices"].items()},
+            "device_map": {k: str(v) for k, v in plan["device_map"].items()},
+            "loaded": loaded_map,
+        }
     return {
         "estimate": est,
+        "placement": placement,
         "footprint": footprint,
         "checks": checks,
         "quality": quality,
@@ -321,7 +482,7 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     if cfg.update_baselines:
         old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline else {}
         store.write(cfg.baselines, case, record)
-        if perf_baseline.timed_enough(cfg.workload):
+        if perf_baseline.timed_enough(cfg.workload) and not cfg.device_map:
             perf_baseline.write(store.case_dir(cfg.baselines, case), m["perf"], m["memory"], case.device)
         store.discard_obtained(cfg.baselines, case)
         new = {**record["quality"], "weights_bytes": record["footprint"]["weights_bytes"]}
@@ -339,7 +500,9 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     r_reasons = [] if refused else regression_gate(m, baseline, label)
     info["compared"] = not refused
     stored_perf = perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
-    if stored_perf is None:
+    if cfg.device_map:
+        info["perf_note"] = f"speed not gated: --device-map {cfg.device_map} spreads the model over devices"
+    elif stored_perf is None:
         info["perf_note"] = f"no perf baseline for {perf_baseline.device_slug(case.device)}: speed not gated"
     elif not perf_baseline.timed_enough(cfg.workload):
         info["perf_note"] = f"speed not gated: {perf_baseline.MIN_REPEAT}+ timed runs after a warm-up are needed"
@@ -384,8 +547,7 @@ def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         raise
     except Exception as e:
         return _error_result(case, e)
-    m["greedy_ids"] = m.pop("greedy")
-    m.pop("greedy_margins")
+    m["greedy_ids"] = m.pop("greedy")  # greedy_margins stay: `qbench compare` tells near-ties from changes
     return {
         **case_fields(case),
         "status": status,
@@ -470,5 +632,8 @@ def _config_doc(cfg: RunConfig) -> dict:
         "reference_source": cfg.reference_source,
         "compute_dtype": cfg.compute_dtype,
         "isolate": cfg.isolate,
+        "reference_model": cfg.reference_model,
+        "device_map": cfg.device_map,
+        "max_memory": cfg.max_memory,
         "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
     }

@@ -58,7 +58,7 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _settings(perf: dict) -> dict:
+def settings(perf: dict) -> dict:
     return {k: perf.get(k) for k in ("context", "batch", "new_tokens")}
 
 
@@ -66,7 +66,7 @@ def record(perf: dict, memory: dict, device: str) -> dict:
     return {
         "schema": SCHEMA,
         "slug": device_slug(device),
-        "settings": _settings(perf),
+        "settings": settings(perf),
         **{k: perf[k] for k in TOK_S_DROP},
         "peak_run_bytes": memory.get("peak_run_bytes"),
         "memory_source": memory.get("source"),
@@ -98,8 +98,8 @@ def write(case_dir: Path, perf: dict, memory: dict, device: str) -> Path:
 
 def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> tuple[list[str], str | None]:
     """(reasons, note): regressions beyond the bounds, or a note saying why nothing was compared."""
-    if baseline["settings"] != _settings(perf):
-        return [], f"perf baseline is for {baseline['settings']}, this run used {_settings(perf)}: not compared"
+    if baseline["settings"] != settings(perf):
+        return [], f"perf baseline is for {baseline['settings']}, this run used {settings(perf)}: not compared"
     reasons = []
     for key, drop in TOK_S_DROP.items():
         now, then = perf[key]["mean"], baseline[key]["mean"]

@@ -287,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dequantize", action="store_true", help="write int8/int4 checkpoints in full precision")
     conv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the source's)")
     conv.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (pickle can run code)")
+    conv.add_argument(
+        "--keep-chatglm-format",
+        action="store_true",
+        help="write the same ChatGLM checkpoint as safetensors (names, int weights unchanged) for `qbench run`",
+    )
     mrg = sub.add_parser("merge", help="combine the results files of shards into one")
     mrg.add_argument("out", type=Path, help="merged results JSON to write")
     mrg.add_argument("inputs", type=Path, nargs="+", help="results JSON files of the shards")
@@ -344,9 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "convert":
             from qbench.convert import convert
 
-            for note in convert(args.src, args.dst, args.dequantize, args.dtype, args.allow_pickle):
+            notes = convert(
+                args.src, args.dst, args.dequantize, args.dtype, args.allow_pickle, args.keep_chatglm_format
+            )
+            for note in notes:
                 err.print(f"note: {note}", markup=False, highlight=False)
-            console.print(f"wrote {args.dst} (GlmForCausalLM)", markup=False, highlight=False)
+            kind = "ChatGLM format, safetensors" if args.keep_chatglm_format else "GlmForCausalLM"
+            console.print(f"wrote {args.dst} ({kind})", markup=False, highlight=False)
             return EXIT_OK
         if args.cmd == "estimate":
             from qbench.estimate_cli import run_estimate

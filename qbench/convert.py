@@ -24,10 +24,37 @@ from qbench.models.chatglm_checkpoint import PREFIX
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenization_chatglm.py")
 
 
+def resave(src: Path, dst: Path, allow_pickle: bool = False) -> list[str]:
+    """The same ChatGLM-format checkpoint (names, int weights and scales unchanged) as one safetensors file, for
+    checkpoints published as pickle only (chatglm2-6b-int4), so `qbench run` reads them as they are."""
+    from safetensors.torch import save_file
+
+    tensors = ckpt_format.Tensors(src, allow_pickle)
+    # clone: pickle files may hold views of one storage, which safetensors refuses to write
+    out = {k: tensors.get(k).contiguous().clone() for k in tensors.keys()}  # noqa: SIM118 (Tensors is no dict)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    copied = []
+    for f in ("config.json", "generation_config.json", "tokenizer.json", *TOKENIZER_FILES):
+        if (src / f).is_file():
+            shutil.copy(src / f, dst / f)
+            copied.append(f)
+    notes = [f"kept ChatGLM's format: {len(out)} tensors as safetensors; copied {', '.join(copied)}"]
+    if not (src / "tokenizer.json").is_file():
+        notes.append("no tokenizer.json: qbench run needs one (ChatGLM's sentencepiece tokenizer needs remote code)")
+    return notes
+
+
 def convert(
-    src: Path, dst: Path, dequantize: bool = False, dtype: str | None = None, allow_pickle: bool = False
+    src: Path,
+    dst: Path,
+    dequantize: bool = False,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    keep_chatglm_format: bool = False,
 ) -> list[str]:
-    """Write ``dst`` as a GlmForCausalLM checkpoint; return notes for the user (one line each)."""
+    """Write ``dst`` as a GlmForCausalLM checkpoint (or, with ``keep_chatglm_format``, as the same ChatGLM one in
+    safetensors); return notes for the user (one line each)."""
     from safetensors.torch import save_file
 
     from qbench.methods.registry import torch_dtype
@@ -38,6 +65,10 @@ def convert(
         raise UsageError(f"{dst}: directory is not empty; pick a new output directory")
     if ckpt_format.read_config(src) is None:
         raise UsageError(f"{src}: config model_type is not 'chatglm'; nothing to convert")
+    if keep_chatglm_format:
+        if dequantize or dtype:
+            raise UsageError("--keep-chatglm-format re-saves tensors unchanged; drop --dequantize and --dtype")
+        return resave(src, dst, allow_pickle)
     ckpt = ckpt_format.ChatGLMCheckpoint(src, allow_pickle)
     tdtype = torch_dtype(dtype) if dtype else ckpt.stored_dtype()
     if ckpt.bits and not dequantize:

@@ -88,3 +88,32 @@ def test_bad_input_on_chatglm_checkpoints(exported, tmp_path, capsys):
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "pre_seq_len": 16}))
     assert "prefix tuning" in refused("--model", str(other), "--method", "chatglm-int4")
+
+
+def test_pickle_only_checkpoints_are_refused_then_resaved(exported, tmp_path, capsys):
+    """chatglm2-6b-int4 ships only pytorch_model.bin: `run` refuses it with the fix, and the fix keeps the int
+    weights as they are (bit-identical logits)."""
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (pickled / f).write_bytes((exported[4] / f).read_bytes())
+    torch.save(load_file(str(exported[4] / "model.safetensors")), pickled / "pytorch_model.bin")
+    assert main(["run", "--model", str(pickled), "--method", "chatglm-int4", "--in-process"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert "--keep-chatglm-format" in err and len(err.splitlines()) == 1
+    resaved = tmp_path / "resaved"
+    assert main(["convert", str(pickled), str(resaved), "--allow-pickle", "--keep-chatglm-format"]) == 0
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        want = chatglm_checkpoint.load(exported[4], "cpu", torch.float32, keep_bits=4)(ids).logits
+        got = chatglm_checkpoint.load(resaved, "cpu", torch.float32, keep_bits=4)(ids).logits
+    assert torch.equal(got, want)
+    glm_bin = tmp_path / "glm-bin"  # a transformers-format directory with pickle weights only
+    glm_bin.mkdir()
+    (glm_bin / "config.json").write_bytes((zoo.resolve("glm-tiny") / "config.json").read_bytes())
+    (glm_bin / "pytorch_model.bin").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["run", "--model", str(glm_bin), "--in-process"]) == EXIT_USAGE
+    assert "safetensors only" in capsys.readouterr().err

@@ -122,6 +122,10 @@ def key_map(cfg: dict, has_qkv_bias: bool) -> dict[str, Source]:
     return out
 
 
+class PickleOnly(UsageError):
+    """The directory holds only pickle weights and the caller did not allow them."""
+
+
 class Tensors:
     """A checkpoint's tensors by name, read lazily from safetensors (rows sliced in the file), or from pickle
     ``pytorch_model*.bin`` files when ``allow_pickle`` (read whole: pickle has no random access)."""
@@ -146,7 +150,7 @@ class Tensors:
             return
         bins = sorted(src.glob("pytorch_model*.bin"))
         if bins and not allow_pickle:
-            raise UsageError(
+            raise PickleOnly(
                 f"{src}: only pickle checkpoints (pytorch_model*.bin); pass --allow-pickle if you trust "
                 "their source (pickle can run code), or convert them to safetensors first"
             )
@@ -154,6 +158,9 @@ class Tensors:
             raise UsageError(f"{src}: no safetensors or pytorch_model*.bin weights found")
         for f in bins:
             self._loaded.update(torch.load(f, map_location="cpu", weights_only=True))
+
+    def keys(self) -> list[str]:
+        return list(self._files) + list(self._loaded)
 
     def __contains__(self, key: str) -> bool:
         return key in self._files or key in self._loaded

@@ -160,10 +160,16 @@ def check_checkpoint_dir(path: Path) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"--model {path}: config.json is not valid JSON ({e}); fix or re-download it") from None
     if model_type == "chatglm":  # ChatGLM3's own format: read without remote code (qbench.models.chatglm_checkpoint)
-        from qbench.models.chatglm_checkpoint import ChatGLMCheckpoint
+        from qbench.models.chatglm_checkpoint import ChatGLMCheckpoint, PickleOnly
 
         try:
             ChatGLMCheckpoint(path)
+        except PickleOnly:
+            raise UsageError(
+                f"--model {path}: only pickle weights (pytorch_model*.bin), and qbench runs safetensors only (pickle "
+                f"can run code); if you trust them, re-save once: `qbench convert {path} DST --allow-pickle "
+                "--keep-chatglm-format`, then --model DST"
+            ) from None
         except UsageError as e:
             raise UsageError(f"--model {path}: {e}") from None
         return path
@@ -171,6 +177,12 @@ def check_checkpoint_dir(path: Path) -> Path:
         raise UsageError(
             f"--model {path}: model_type {model_type!r} is not supported; qbench runs "
             f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODEL_TYPES.items())}"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickled = "only pickle weights (pytorch_model*.bin)" if any(path.glob("*.bin")) else "no weights"
+        raise UsageError(
+            f"--model {path}: {pickled}; qbench loads safetensors only (pickle can run code): re-save the model "
+            "with save_pretrained(DIR, safe_serialization=True) where you trust it"
         )
     return path
 

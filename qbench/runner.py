@@ -100,6 +100,8 @@ class RunConfig:
             if self.device_map is not None:
                 for name in self.methods:
                     check_plan(device_plan(path, name, self), self)
+                ref_dtype = methods.get(self.reference).default_compute_dtype
+                check_plan(device_plan(ref_path or path, self.reference, self, ref_dtype), self)
 
 
 def check_device(device: str) -> None:
@@ -203,10 +205,12 @@ def check_plan(plan: dict, cfg: RunConfig) -> None:
         raise UsageError(f"{where}: places nothing on a GPU but --device is {cfg.device}; pass --device cpu")
     if "disk" in plan["device_map"].values():
         raise UsageError(f"{where}: offloads to disk; qbench measures models held in memory, give them cpu instead")
-    if plan["offloaded"] and methods.get(plan["method"]).family == "chatglm":
+    if plan["offloaded"] and methods.get(plan["method"]).quantized:
+        # ChatGLM's methods quantize modules in place after loading, and an offloaded module has no weights to
+        # quantize then; transformers refuses bitsandbytes with CPU offload unless told to keep those in fp32.
         raise UsageError(
-            f"{where}: offloads {planning.summarize(plan['offloaded'])} to the CPU while GPUs run the rest; "
-            f"{plan['method']} quantizes modules in place and cannot quantize offloaded ones; give them a GPU"
+            f"{where}: offloads {planning.summarize(plan['offloaded'])} to the CPU while GPUs run the rest, which "
+            f"{plan['method']} cannot quantize; give the GPUs more --max-memory or use fewer layers per GPU"
         )
 
 
@@ -311,7 +315,7 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
             "quantization's own drift",
         )
     progress(f"{ctx.name} reference", f"loading {cfg.reference}")
-    plan = device_plan(ctx.reference_path, cfg.reference, cfg) if cfg.device_map else None
+    plan = device_plan(ctx.reference_path, cfg.reference, cfg, method.default_compute_dtype) if cfg.device_map else None
     model = _load(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)
     progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
     ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
@@ -413,6 +417,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             "devices": {d: {k: r[k] for k in ("layers", "weights_bytes", "fits")} for d, r in plan["devices"].items()},
             "device_map": {k: str(v) for k, v in plan["device_map"].items()},
             "loaded": loaded_map,
+            "memory_note": f"memory peaks are {case.device}'s alone; the model spans {', '.join(plan['devices'])}",
         }
     return {
         "estimate": est,

@@ -17,6 +17,15 @@ FAST = ["--in-process", "--repeat", "1", "--new-tokens", "4"]
 ALL_CPU = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu"}
 
 
+def _split_budget(method: str, gpu0_mib: float = 3) -> str:
+    """--max-memory that makes glm-tiny spill from GPU 0 to GPU 1: GPU 0 gets the per-GPU reserve the planner
+    holds back (CUDA context, activations) plus ``gpu0_mib`` (3 MiB: about half of glm-tiny's bf16 weights)."""
+    from qbench import plan as planning
+
+    probe = planning.plan(zoo.resolve("glm-tiny"), method, {0: 2**40, 1: 2**40}, context=128, new_tokens=4)
+    return f"0={probe['reserved_per_gpu_bytes'] + int(gpu0_mib * 2**20)},1={2**36}"
+
+
 def _map(tmp_path, mapping: dict):
     path = tmp_path / "map.json"
     path.write_text(json.dumps(mapping))
@@ -81,7 +90,7 @@ def test_multi_gpu_outputs_equal_single_gpu():
     with torch.no_grad():
         want = single(ids.to("cuda:0")).logits.float().cpu()
     del single
-    budget = {0: 6 * 2**20, 1: 64 * 2**30}  # 6 MiB on GPU 0 forces layers onto GPU 1
+    budget = planning.parse_max_memory(_split_budget("bf16"))
     plan = planning.plan(path, "bf16", budget, strategy="sequential", context=128, batch=1, new_tokens=4)
     assert {d for d in plan["device_map"].values()} == {0, 1}, plan["device_map"]
     split = load_causal_lm(path, "cuda:0", torch.bfloat16, device_map=plan["device_map"])
@@ -97,9 +106,30 @@ def test_run_with_device_map_auto_matches_the_single_gpu_run(tmp_path):
     plain, mapped = tmp_path / "plain.json", tmp_path / "mapped.json"
     common = ["run", "--method", "bf16", "--method", "bnb-nf4", "--device", "cuda", *FAST]
     main([*common, "--json", str(plain), "--baselines", str(tmp_path / "b1")])
-    main([*common, "--device-map", "sequential", "--max-memory", "0=6MiB,1=40GiB", "--json", str(mapped)])
+    main([*common, "--device-map", "sequential", "--max-memory", _split_budget("bnb-nf4"), "--json", str(mapped)])
     a = {c["method"]: c for c in load_results(plain)["cases"]}
     b = {c["method"]: c for c in load_results(mapped)["cases"]}
     for method in a:
         assert set(b[method]["placement"]["devices"]) == {"0", "1"}
         assert b[method]["quality"]["ppl"] == pytest.approx(a[method]["quality"]["ppl"], rel=2e-4)  # tolerances.py
+
+
+def test_gpu_plans_are_checked_on_cpu_up_to_the_load(monkeypatch):
+    """The CUDA path without CUDA: plan for two GPUs from --max-memory, then check it as a GPU box would."""
+    from qbench.errors import UsageError
+    from qbench.runner import RunConfig, check_plan, device_plan
+
+    cfg = RunConfig(device="cuda", device_map="sequential", max_memory=_split_budget("bf16"))
+    plan = device_plan(zoo.resolve("glm-tiny"), "bf16", cfg)
+    assert set(plan["device_map"].values()) == {0, 1} and plan["fits"]
+    with pytest.raises(UsageError, match="GPU 1 but 0 CUDA device"):
+        check_plan(plan, cfg)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_plan(plan, cfg)  # two GPUs visible: nothing to refuse
+    gpu0 = _split_budget("bnb-nf4", gpu0_mib=2).split(",")[0]  # 2 MiB: less than nf4 needs with its KV cache
+    offloading = RunConfig(device="cuda", device_map="sequential", max_memory=f"{gpu0},cpu=1GiB")
+    plan = device_plan(zoo.resolve("glm-tiny"), "bnb-nf4", offloading)
+    assert plan["offloaded"]
+    with pytest.raises(UsageError, match="offloads .* to the CPU while GPUs run the rest, which bnb-nf4 cannot"):
+        check_plan(plan, offloading)
+    check_plan(device_plan(zoo.resolve("glm-tiny"), "bf16", offloading), offloading)  # bf16 runs offloaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -15,6 +16,15 @@ from rich.console import Console
 from qbench.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, `kill`): unwound like Ctrl-C, so the running case process is killed too and
+    the results file stays whole."""
+
+
+def _raise_terminated(_signum, _frame):
+    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -332,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         if not c.is_terminal:
             c.width = 150
     quiet_libraries()
+    if args.cmd in ("run", "baseline"):
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.cmd in ("run", "baseline"):
             return _execute(args, update=args.cmd == "baseline", console=console, err=err)
@@ -385,11 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         err.print(f"qbench: error: {e}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        err.print(
-            "qbench: interrupted; the results file holds every finished case (rerun with --resume)", highlight=False
-        )
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        err.print(f"qbench: {how}; the results file holds every finished case (rerun with --resume)", highlight=False)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     return EXIT_OK
 
 

@@ -25,9 +25,6 @@ from qbench.case import Case
 from qbench.verdict import ERROR
 
 POLL_S = 0.05
-# Extra modules that register methods (``mypkg.methods``, comma-separated): imported by every case process,
-# so a method defined outside qbench runs isolated like a built-in one.
-METHOD_MODULES_ENV = "QBENCH_METHOD_MODULES"
 
 
 def _cfg_to_json(cfg) -> dict:
@@ -65,6 +62,7 @@ class CaseProcesses:
                 "reference_dir": str(self.tmp / "reference"),
                 "out": str(out),
                 "memory_limit": self.cfg.case_memory_limit,
+                "parent_pid": os.getpid(),
             },
         )
         with log.open("wb") as log_f:
@@ -144,14 +142,12 @@ def _wait(proc: subprocess.Popen, timeout_s: float):
 
 def _child(job_path: str) -> None:
     """The case process: rebuild, measure, judge, write the results entry. Exceptions become ``error``."""
-    import importlib
-
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    _die_with_parent(job.get("parent_pid"))
     from qbench.cli import quiet_libraries
 
     quiet_libraries()
-    for name in filter(None, os.environ.get(METHOD_MODULES_ENV, "").split(",")):
-        importlib.import_module(name.strip())
+    import qbench.methods  # noqa: F401  (registers the built-in methods and those of $QBENCH_METHOD_MODULES)
     from qbench.runner import RunConfig, execute_case, prepare_model
     from qbench.workload import Workload
 
@@ -177,6 +173,20 @@ def _child(job_path: str) -> None:
         _limit_address_space(job["memory_limit"])
     result = execute_case(Case(**job["case"]), ctx, cfg, lambda case, stage: print(f"{case}: {stage}", flush=True))
     atomic_write_json(Path(job["out"]), result)
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when the runner dies (even by SIGKILL or the OOM killer), so no case
+    process is left holding a GPU; if the runner is already gone, stop now."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the runner's own cleanup (Ctrl-C, SIGTERM) still applies
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        sys.exit("the runner that started this case process is gone")
 
 
 def _limit_address_space(extra_bytes: int) -> None:

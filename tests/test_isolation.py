@@ -68,3 +68,49 @@ def test_resume_keeps_finished_cases(tmp_path, capsys):
     cases = json.loads(out.read_text())["cases"]
     assert [c["method"] for c in cases] == ["bnb-nf4", "bnb-fp4"]
     assert cases[0] == first[0]  # untouched, not rerun
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_runner_leaves_no_case_process_and_a_whole_results_file(faults, tmp_path, how):
+    """SIGTERM (a cancelled CI job) unwinds like Ctrl-C: the case process is killed and the file keeps the finished
+    case. SIGKILL (the OOM killer) cannot be caught: the case process dies with the runner through
+    PR_SET_PDEATHSIG. Planted regression: without them the hanging case process outlives the runner."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "results.json"
+    argv = [sys.executable, "-m", "qbench.cli", "run", "--json", str(out), "--method", "bf16", "--method", "fault-hang"]
+    runner = subprocess.Popen([*argv, *FAST], stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        child = None
+        while child is None and time.monotonic() < deadline and runner.poll() is None:
+            time.sleep(0.5)
+            for proc in Path("/proc").iterdir():
+                if proc.name.isdigit():
+                    try:
+                        cmd = (proc / "cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if b"qbench.isolate" in cmd and b"fault-hang" in cmd:
+                        child = int(proc.name)
+        assert child is not None, f"the hanging case never started: {runner.stderr.read() if runner.poll() else ''}"
+        runner.send_signal(getattr(signal, how))
+        runner.wait(timeout=30)
+        if how == "SIGTERM":
+            assert runner.returncode == 128 + signal.SIGTERM
+            assert b"terminated; the results file holds every finished case" in runner.stderr.read()
+        for _ in range(100):  # the kernel delivers the death signal asynchronously
+            if not Path(f"/proc/{child}").exists() or b"Z" in Path(f"/proc/{child}/stat").read_bytes().split()[2]:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"case process {child} outlived the runner ({how})")
+        (case,) = json.loads(out.read_text())["cases"]  # whole JSON: written atomically after each case
+        assert case["method"] == "bf16" and case["status"] != "error"
+    finally:
+        if runner.poll() is None:
+            runner.kill()

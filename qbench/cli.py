@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -225,7 +226,23 @@ def _execute(args, update: bool, console: Console, err: Console) -> int:
         if not args.json:
             raise UsageError("--resume needs --json PATH: the results file of the run to resume")
         if args.json.is_file():
-            done = {c["id"]: c for c in load_results(args.json)["cases"]}
+            from qbench.runner import config_doc
+
+            earlier = load_results(args.json)
+            now = json.loads(json.dumps(config_doc(cfg)))  # as the file holds it (tuples become lists)
+            then, skip = earlier["config"], ("models", "methods", "isolate", "workload")
+            changed = [f"--{k.replace('_', '-')}" for k in now if k not in skip and then.get(k) != now[k]]
+            then_wl = then.get("workload", {})
+            changed += [f"workload {k}" for k, v in now["workload"].items() if then_wl.get(k) != v]
+            if changed:
+                raise UsageError(
+                    f"--resume: {args.json} was made with other settings ({', '.join(changed)}), so its cases would "
+                    "not compare with new ones; repeat the earlier command with --resume, or pass a new --json"
+                )
+            done = {c["id"]: c for c in earlier["cases"]}
+    if getattr(args, "json", None):  # keep each reference beside the results, so --resume need not score it again
+        cfg.reference_cache = args.json.with_name(args.json.name + ".references")
+        cfg.reuse_reference = bool(getattr(args, "resume", False))
     on_case = (lambda doc: write_json(doc, args.json)) if getattr(args, "json", None) else None
     results = run_cases(cfg, progress, done=done, on_case=on_case)
     print_report(results, console)

@@ -70,6 +70,10 @@ class RunConfig:
     # JSON device map's path; ``max_memory`` ("0=20GiB,1=20GiB,cpu=64GiB") caps each device.
     device_map: str | None = None
     max_memory: str | None = None
+    # Where each model's reference is kept for --resume (the CLI: beside the results file), and whether to reuse one
+    # found there: a resumed run then skips the reference pass too, when the fingerprints still match.
+    reference_cache: Path | None = None
+    reuse_reference: bool = False
 
     def reference_dir(self, ctx: ModelContext) -> Path:
         return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
@@ -304,6 +308,22 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
         progress(f"{ctx.name} reference", f"reading {cfg.reference_dir(ctx)}")
         ctx.reference, ctx.reference_greedy = stored_reference.load(cfg.reference_dir(ctx), ctx.fingerprints)
         return
+    cached = cfg.reference_cache / ctx.name / device_class(cfg.device) if cfg.reference_cache else None
+    if cached is not None and cfg.reuse_reference and cached.is_dir():
+        try:
+            ctx.reference, ctx.reference_greedy = stored_reference.load(cached, ctx.fingerprints)
+            progress(f"{ctx.name} reference", f"reusing the one the interrupted run saved in {cached}")
+            if cfg.update_baselines:
+                stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+            return
+        except UsageError as e:  # made for other settings: score it again
+            progress(f"{ctx.name} reference", f"not reusing {cached}: {e}")
+    _score_reference(ctx, cfg, progress)
+    if cached is not None:
+        stored_reference.save(cached, ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+
+
+def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
     method = methods.get(cfg.reference)
     from qbench.models.loading import chatglm_bits
 
@@ -577,7 +597,7 @@ def run_cases(
     cfg.validate()
     started = time.time()
     done = done or {}
-    doc = {"schema": RESULTS_SCHEMA, "env": qenv.collect(cfg.device), "config": _config_doc(cfg), "cases": []}
+    doc = {"schema": RESULTS_SCHEMA, "env": qenv.collect(cfg.device), "config": config_doc(cfg), "cases": []}
     cases_out: list[dict] = doc["cases"]
 
     def finish(result: dict) -> None:
@@ -628,7 +648,7 @@ def run_cases(
     return doc
 
 
-def _config_doc(cfg: RunConfig) -> dict:
+def config_doc(cfg: RunConfig) -> dict:
     return {
         "models": cfg.models,
         "methods": cfg.methods,

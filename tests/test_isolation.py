@@ -65,9 +65,13 @@ def test_resume_keeps_finished_cases(tmp_path, capsys):
     assert main(["run", "--json", str(out), "--resume", "--method", "bnb-nf4", "--method", "bnb-fp4", *FAST]) == 0
     err = capsys.readouterr().err
     assert "glm-tiny-bnb-nf4-cpu: kept from the earlier run" in err
+    assert "reusing the one the interrupted run saved" in err  # the reference pass is not repeated either
     cases = json.loads(out.read_text())["cases"]
     assert [c["method"] for c in cases] == ["bnb-nf4", "bnb-fp4"]
     assert cases[0] == first[0]  # untouched, not rerun
+    # Other settings: the kept cases would not compare with new ones, so the resume is refused.
+    assert main(["run", "--json", str(out), "--resume", "--method", "bnb-nf4", "--window", "64", *FAST]) == 2
+    assert "--resume: " in capsys.readouterr().err and json.loads(out.read_text())["cases"] == cases
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])

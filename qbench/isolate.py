@@ -50,6 +50,12 @@ class CaseProcesses:
         self.tmp = Path(tempfile.mkdtemp(prefix="qbench-cases-"))
         stored_reference.save(self.tmp / "reference", ctx.reference, ctx.reference_greedy, ctx.fingerprints)
 
+    def close(self) -> None:
+        """Remove the job files, logs and saved reference (what matters of a log is in its error verdict)."""
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def run(self, case: Case, progress) -> dict:
         job = self.tmp / f"{case.id}.job.json"
         out, log = self.tmp / f"{case.id}.result.json", self.tmp / f"{case.id}.log"

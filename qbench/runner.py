@@ -640,10 +640,14 @@ def run_cases(
             from qbench import isolate
 
             runner = isolate.CaseProcesses(ctx, cfg)
-        for case in todo:
-            result = runner.run(case, progress) if cfg.isolate else execute_case(case, ctx, cfg, progress)
-            progress(case.id, result["status"] + (f": {result['reasons'][0]}" if result["status"] == ERROR else ""))
-            finish(result)
+        try:
+            for case in todo:
+                result = runner.run(case, progress) if cfg.isolate else execute_case(case, ctx, cfg, progress)
+                progress(case.id, result["status"] + (f": {result['reasons'][0]}" if result["status"] == ERROR else ""))
+                finish(result)
+        finally:
+            if cfg.isolate:
+                runner.close()
     doc["wall_s"] = time.time() - started
     return doc
 

@@ -58,9 +58,15 @@ def test_a_hanging_case_is_killed_at_its_timeout(faults, tmp_path, capsys):
     assert case["status"] == "error" and case["reasons"] == ["timed out after 30 s; killed"]
 
 
-def test_resume_keeps_finished_cases(tmp_path, capsys):
+def test_resume_keeps_finished_cases(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "results.json"
     assert main(["run", "--json", str(out), "--method", "bnb-nf4", *FAST]) == 0
+    assert not list(scratch.iterdir())  # the case processes' job files, logs and reference are removed
     first = json.loads(out.read_text())["cases"]
     assert main(["run", "--json", str(out), "--resume", "--method", "bnb-nf4", "--method", "bnb-fp4", *FAST]) == 0
     err = capsys.readouterr().err

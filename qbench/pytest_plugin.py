@@ -7,6 +7,8 @@ each model's reference is scored once however many methods are selected.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4")
@@ -39,10 +41,70 @@ def _device(config) -> str:
     return config.getoption("--qbench-device") or default_device()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config) -> None:
+    worker = getattr(config, "workerinput", {})
+    gpu = worker.get("qbench_gpu")
+    if gpu is not None:  # an xdist worker: its one GPU, set before anything initializes CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if worker:
+        # Workers share the cores: with torch's default (every core each) their OpenMP pools spin against each other;
+        # 2 workers on 2 cores ran the drift matrix 13x slower (199 s vs 15 s, tests/test_xdist_gpus.py).
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker["workercount"]))
+    elif _workers(config) and _device(config).startswith("cuda"):
+        gpus = gpu_slots()
+        if _workers(config) > len(gpus):
+            raise pytest.UsageError(
+                f"-n {_workers(config)} but {len(gpus)} GPU(s) are visible ({', '.join(gpus) or 'none'}): pass "
+                f"-n {len(gpus) or 1} (or -n auto) so each worker has a GPU of its own; a shared GPU spoils "
+                "timings and memory peaks"
+            )
     from qbench.cli import quiet_libraries
 
     quiet_libraries()
+
+
+def _workers(config) -> int:
+    """How many xdist workers this (controller) run starts; 0 without xdist."""
+    return len(getattr(config.option, "tx", None) or []) if getattr(config.option, "numprocesses", None) else 0
+
+
+def gpu_slots() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: its own CUDA_VISIBLE_DEVICES when set (ids
+    or UUIDs, as written), else every device NVML sees, else torch's device count."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [part.strip() for part in env.split(",") if part.strip()]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # nvidia-ml-py missing or no driver: ask torch
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` on a GPU run: one worker per visible GPU (xdist's own default is one per CPU core)."""
+    if _device(config).startswith("cuda"):
+        return max(1, len(gpu_slots()))
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Controller side of the pinning: worker gwN gets the N-th visible GPU (pytest_configure checked the count)."""
+    if _device(node.config).startswith("cuda"):
+        index = int(str(node.workerinput["workerid"]).removeprefix("gw"))
+        node.workerinput["qbench_gpu"] = gpu_slots()[index]
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -56,16 +118,13 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
-def pytest_generate_tests(metafunc) -> None:
-    if "qbench_case" not in metafunc.fixturenames:
-        return
+def matrix_cases(config) -> list[tuple]:
+    """The selected drift matrix, this shard's slice: (model spec, Case, compute dtype or None) per case."""
     from qbench.case import Case
     from qbench.methods import get
     from qbench.models.zoo import model_id
 
-    config = metafunc.config
     models = config.getoption("--qbench-model") or ["glm-tiny"]
-    methods = methods_of(config)
     device = _device(config)
     cases = [
         (
@@ -77,12 +136,19 @@ def pytest_generate_tests(metafunc) -> None:
                 dtype or get(m).default_compute_dtype,
                 default_dtype=dtype in (None, get(m).default_compute_dtype),
             ),
+            dtype,
         )
         for spec in models
-        for m in methods
+        for m in methods_of(config)
         for dtype in _dtypes(config)
     ]
-    cases = shard(cases, config.getoption("--qbench-shard"))
+    return shard(cases, config.getoption("--qbench-shard"))
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "qbench_case" not in metafunc.fixturenames:
+        return
+    cases = [(spec, case) for spec, case, _ in matrix_cases(metafunc.config)]
     metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
 
 
@@ -111,32 +177,63 @@ def qbench_device(pytestconfig) -> str:
     return _device(pytestconfig)
 
 
-@pytest.fixture(scope="session")
-def qbench_matrix_results(pytestconfig) -> dict:
-    """Results of the whole selected matrix, run once per session: {case id: case result}."""
-    from qbench.runner import RunConfig, run_cases
-    from qbench.workload import Workload
+class MatrixResults:
+    """{case id: case result} for the drift matrix, each case run when a test first asks for it.
 
-    # The drift gate judges quality; one short speed run keeps the matrix fast (speed settings
-    # are not part of the quality fingerprint, and a perf baseline for other settings is not compared).
-    workload = Workload(repeat=1, warmup=0, new_tokens=4)
-    out = {}
-    models = pytestconfig.getoption("--qbench-model") or ["glm-tiny"]
-    triples = [(spec, m, d) for spec in models for m in methods_of(pytestconfig) for d in _dtypes(pytestconfig)]
-    selected = shard(triples, pytestconfig.getoption("--qbench-shard"))  # the same slice pytest_generate_tests took
-    for spec in models:
-        for dtype in _dtypes(pytestconfig):
-            chosen = [m for sp, m, d in selected if sp == spec and d == dtype]
-            if not chosen:
-                continue
+    Under xdist a worker runs only the cases it is sent; each (model, compute dtype) group's reference is scored
+    once per process, on the group's first case. A damaged baseline of the group is bad input before anything
+    loads; a failing reference makes every case of the group an error, as in ``qbench run``.
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.cases = {case.id: (spec, case, dtype) for spec, case, dtype in matrix_cases(config)}
+        self.groups: dict[tuple, tuple] = {}
+        self.results: dict[str, dict] = {}
+
+    def _group(self, spec: str, dtype: str | None) -> tuple:
+        from qbench.baselines import perf as perf_baseline
+        from qbench.baselines import store
+        from qbench.runner import RunConfig, prepare_model, score_reference
+        from qbench.workload import Workload
+
+        if (spec, dtype) not in self.groups:
+            chosen = [c for sp, c, d in self.cases.values() if sp == spec and d == dtype]
+            # The drift gate judges quality; one short speed run keeps the matrix fast (speed settings are not
+            # part of the quality fingerprint, and a perf baseline for other settings is not compared).
             cfg = RunConfig(
                 models=[spec],
-                methods=chosen,
-                device=_device(pytestconfig),
+                methods=[c.method for c in chosen],
+                device=_device(self.config),
                 compute_dtype=dtype,
-                workload=workload,
-                update_baselines=pytestconfig.getoption("--qbench-update-baselines"),
-                lenient=pytestconfig.getoption("--qbench-lenient"),
+                workload=Workload(repeat=1, warmup=0, new_tokens=4),
+                update_baselines=self.config.getoption("--qbench-update-baselines"),
+                lenient=self.config.getoption("--qbench-lenient"),
             )
-            out.update({c["id"]: c for c in run_cases(cfg)["cases"]})
-    return out
+            cfg.validate()
+            for case in chosen:
+                store.load(cfg.baselines, case)
+                perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
+            ctx = prepare_model(spec, cfg)
+            try:
+                score_reference(ctx, cfg, lambda _case, _stage: None)
+                failure = None
+            except Exception as e:  # UsageError too: every case of the group reports it
+                failure = e
+            self.groups[spec, dtype] = (cfg, ctx, failure)
+        return self.groups[spec, dtype]
+
+    def __getitem__(self, case_id: str) -> dict:
+        from qbench.runner import error_result, execute_case
+
+        if case_id not in self.results:
+            spec, case, dtype = self.cases[case_id]
+            cfg, ctx, failure = self._group(spec, dtype)
+            self.results[case_id] = error_result(case, failure) if failure else execute_case(case, ctx, cfg)
+        return self.results[case_id]
+
+
+@pytest.fixture(scope="session")
+def qbench_matrix_results(pytestconfig) -> MatrixResults:
+    """Results of the selected matrix by case id, each case run once per session when first asked for."""
+    return MatrixResults(pytestconfig)

@@ -543,7 +543,7 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     return verdict.status, verdict.reasons, info
 
 
-def _error_result(case: Case, exc: BaseException) -> dict:
+def error_result(case: Case, exc: BaseException) -> dict:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return {
         **case_fields(case),
@@ -571,7 +571,7 @@ def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     except UsageError:
         raise
     except Exception as e:
-        return _error_result(case, e)
+        return error_result(case, e)
     m["greedy_ids"] = m.pop("greedy")  # greedy_margins stay: `qbench compare` tells near-ties from changes
     return {
         **case_fields(case),
@@ -634,7 +634,7 @@ def run_cases(
             raise
         except Exception as e:  # the reference failed: every case of this model is an error, the run goes on
             for c in todo:
-                finish(_error_result(c, e))
+                finish(error_result(c, e))
             continue
         if cfg.isolate:
             from qbench import isolate

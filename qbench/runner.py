@@ -372,8 +372,9 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     elif est["fits"] is False:
         raise DoesNotFit(f"not loaded: the pre-flight estimate says it does not fit: {peak_summary(est)}")
     progress(case.id, "loading + quantizing")
+    gpus = tuple(sorted({d for d in plan["device_map"].values() if isinstance(d, int)})) if plan else ()
     t0 = time.perf_counter()
-    with track_peak(case.device) as load_mem:
+    with track_peak(case.device, gpus) as load_mem:
         model = _load(method, ctx.path, case.device, case.compute_dtype, plan)
     load_s = time.perf_counter() - t0
     loaded_map = observed_placement(model, plan["device_map"]) if plan is not None else None
@@ -390,7 +391,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
 
     progress(case.id, f"scoring {ctx.eval_ids.numel() - 1} positions")
     t0 = time.perf_counter()
-    with track_peak(case.device) as score_mem:
+    with track_peak(case.device, gpus) as score_mem:
         acc = DriftAccumulator(ctx.reference)
         for logp, targets in iter_logprobs(model, ctx.eval_ids, wl.window):
             acc.update(logp, targets)
@@ -411,7 +412,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
 
     t0 = time.perf_counter()
     sweep = []
-    with track_peak(case.device) as run_mem:
+    with track_peak(case.device, gpus) as run_mem:
         for context in wl.contexts:
             for batch in wl.batches:
                 progress(case.id, f"timing {wl.repeat}× (batch {batch}, {context} prompt + {wl.new_tokens} new tokens)")
@@ -437,7 +438,10 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             "devices": {d: {k: r[k] for k in ("layers", "weights_bytes", "fits")} for d, r in plan["devices"].items()},
             "device_map": {k: str(v) for k, v in plan["device_map"].items()},
             "loaded": loaded_map,
-            "memory_note": f"memory peaks are {case.device}'s alone; the model spans {', '.join(plan['devices'])}",
+            "memory_note": (
+                f"peak_*_bytes are {case.device}'s; each GPU's are in memory.per_device_peak_*_bytes (CPU-offloaded "
+                "modules are not counted)"
+            ),
         }
     return {
         "estimate": est,
@@ -459,6 +463,8 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             "nvml_peak_run_bytes": run_mem.nvml_bytes,
             "nvml_note": run_mem.nvml_note,
             "source": load_mem.source,
+            "per_device_peak_load_bytes": load_mem.per_device_bytes,
+            "per_device_peak_run_bytes": run_mem.per_device_bytes,
         },
         "timings_s": {"load": load_s, "score": score_s, "speed": speed_s},
     }

@@ -111,6 +111,8 @@ def test_run_with_device_map_auto_matches_the_single_gpu_run(tmp_path):
     b = {c["method"]: c for c in load_results(mapped)["cases"]}
     for method in a:
         assert set(b[method]["placement"]["devices"]) == {"0", "1"}
+        assert all(v > 0 for v in b[method]["memory"]["per_device_peak_run_bytes"].values())
+        assert set(b[method]["memory"]["per_device_peak_run_bytes"]) == {"0", "1"}  # JSON keys
         assert b[method]["quality"]["ppl"] == pytest.approx(a[method]["quality"]["ppl"], rel=2e-4)  # tolerances.py
 
 

@@ -81,3 +81,28 @@ def test_nvml_fallback_names_the_reason():
         pytest.skip("NVML works on this machine; the fallback path is not reachable")
     assert note.startswith("NVML unavailable: ")
     assert len(note) > len("NVML unavailable: ") + 5
+
+
+def test_spread_models_keep_each_gpus_peak(monkeypatch):
+    """The CUDA path of track_peak without a GPU: torch.cuda's allocator calls are faked per device index, so what
+    is checked is that every GPU of a device map is reset, synchronized and read (not only the main one)."""
+    import torch
+
+    from qbench.measure import memory
+
+    peaks = {0: 100, 1: 250, 2: 75}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(("sync", d)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: calls.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 10)
+    index = lambda d: d if isinstance(d, int) else int(d.rpartition(":")[2] or 0)  # "cuda:1" or 1 → 1
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: peaks[index(d)])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d=None: 300)
+    monkeypatch.setattr(memory, "start_nvml", lambda device: (None, "NVML unavailable: faked"))
+    with memory.track_peak("cuda:0", also=(0, 1, 2)) as mem:
+        pass
+    assert mem.peak_bytes == 100 and mem.per_device_bytes == {0: 100, 1: 250, 2: 75}
+    assert {("reset", i) for i in (0, 1, 2)} <= set(calls)
+    with memory.track_peak("cuda:0") as single:
+        pass
+    assert single.per_device_bytes is None

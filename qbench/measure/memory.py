@@ -29,6 +29,8 @@ class PeakMemory:
     nvml_bytes: int | None = None  # CUDA: this process's device memory as the driver sees it (nvidia-smi's)
     nvml_note: str | None = None  # why there is no NVML figure, when there is none
     source: str = ""
+    # CUDA, a model spread over several GPUs: each GPU's allocator peak, by index (peak_bytes is the main device's)
+    per_device_bytes: dict[int, int] | None = None
 
     @property
     def delta_bytes(self) -> int:
@@ -126,8 +128,10 @@ def start_nvml(device: str) -> tuple[NvmlSampler | None, str | None]:
 class track_peak:
     """``with track_peak(device) as mem: ...`` leaves the stage's peak in ``mem``."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, also: tuple[int, ...] = ()) -> None:
+        """``also``: further CUDA device indices whose allocator peaks are kept too (a model spread by a device map)."""
         self.device = device
+        self.also = tuple(also)
         self.result = PeakMemory()
         self._sampler: _Sampler | None = None
         self._nvml: NvmlSampler | None = None
@@ -138,6 +142,9 @@ class track_peak:
         if self.device.startswith("cuda"):
             import torch
 
+            for index in self.also:
+                torch.cuda.synchronize(index)
+                torch.cuda.reset_peak_memory_stats(index)
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.result.start_bytes = torch.cuda.memory_allocated(self.device)
@@ -159,6 +166,10 @@ class track_peak:
 
             torch.cuda.synchronize(self.device)
             self.result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            if self.also:
+                for index in self.also:
+                    torch.cuda.synchronize(index)
+                self.result.per_device_bytes = {i: torch.cuda.max_memory_allocated(i) for i in self.also}
             self.result.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
             if self._nvml is not None:
                 self.result.nvml_bytes = self._nvml.stop()

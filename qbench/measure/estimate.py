@@ -172,9 +172,16 @@ def load_config(path_or_config) -> PretrainedConfig:
                     f"--model {spec}: not a zoo id ({', '.join(zoo.ZOO)}), a shipped config ({shipped}), a "
                     "checkpoint directory or a config.json; pass one of those"
                 )
-            path = zoo.resolve(spec)  # UsageError with its own one-line message
+            if path.is_dir():  # the config is all the estimate reads: a directory without weights is fine
+                if not (path / "config.json").is_file():
+                    raise UsageError(f"--model {spec}: no config.json there; pass a checkpoint directory or a config")
+            else:
+                path = zoo.resolve(spec)  # UsageError with its own one-line message
             where = str(path / "config.json")
-            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            try:
+                data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"--model {where}: not valid JSON ({e}); fix or re-download it") from None
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type == "chatglm":  # ChatGLM3's format: estimated as the GlmForCausalLM qbench loads it as
         from qbench.models.chatglm_checkpoint import glm_config

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -359,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         if not c.is_terminal:
             c.width = 150
     quiet_libraries()
-    if args.cmd in ("run", "baseline"):
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = None
+    if args.cmd in ("run", "baseline") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # put back below: main() is a library call too
     try:
         if args.cmd in ("run", "baseline"):
             return _execute(args, update=args.cmd == "baseline", console=console, err=err)
@@ -418,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         how = "terminated" if isinstance(e, Terminated) else "interrupted"
         err.print(f"qbench: {how}; the results file holds every finished case (rerun with --resume)", highlight=False)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 

@@ -105,3 +105,13 @@ def test_console_script_usage_error_has_no_traceback():
     )
     assert proc.returncode == EXIT_USAGE
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_run_puts_the_sigterm_handler_back():
+    """`qbench run` turns SIGTERM into an orderly stop while it runs; called as a library it must not leave that
+    handler behind in its caller (here pytest)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["run", "--method", "no-such-method"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -38,7 +38,7 @@ def bench(session: nox.Session) -> None:
     slug = session.run(
         "python",
         "-c",
-        "from qbench.baselines.perf import device_slug; from qbench.env import default_device;"
+        "from qbench.judge.perf import device_slug; from qbench.env import default_device;"
         "print(device_slug(default_device()))",
         silent=True,
     ).strip()
@@ -56,10 +56,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
-    """ruff: lint and formatting check."""
-    session.install("ruff")
+    """ruff (lint and formatting) and import-linter (the layers and no import circles, pyproject's contracts)."""
+    session.install("ruff", "import-linter>=2.17")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.install("-e", ".", "--no-deps")
+    session.run("lint-imports")
 
 
 @nox.session(default=False)
@@ -116,7 +118,7 @@ def gpu_bench(session: nox.Session) -> None:
         env={"HF_HUB_OFFLINE": "1"},
         success_codes=[0, 1],
     )
-    session.run("python", "-m", "qbench.report", f"{out}/results.json", "--markdown", f"{out}/summary.md")
+    session.run("qbench", "report", f"{out}/results.json", "--markdown", f"{out}/summary.md")
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a", encoding="utf-8") as dst, open(f"{out}/summary.md", encoding="utf-8") as src:

@@ -2,7 +2,7 @@
 
 The flow is one-way (see DESIGN.md): Case → load → quantize → workload → Measurements → compare with
 Baseline → Verdict → Report. The CLI, the pytest plugin and the nox sessions are thin doors onto
-:func:`qbench.runner.run_cases`.
+:func:`qbench.run.engine.run_cases`.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,29 @@
-"""A case is one model × method × device × compute dtype, run on a workload."""
+"""The case vocabulary every layer shares: a case (model × method × device × compute dtype), the compute dtypes,
+the verdict statuses and a quality bound."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qbench.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+PASS, DRIFT, REGRESSION, ERROR, SKIPPED = "pass", "drift", "regression", "error", "skipped"
+FAILING = (DRIFT, REGRESSION, ERROR)
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise UsageError(f"compute dtype {name!r} is not one of {', '.join(DTYPES)}") from None
 
 
 def device_class(device: str) -> str:
@@ -31,3 +52,22 @@ class Case:
             parts.append(self.compute_dtype)
         parts.append(self.device.replace(":", ""))
         return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``metric`` must stay at or below (``upper``) or at or above ``limit``; ``why`` gives its provenance."""
+
+    metric: str
+    limit: float
+    upper: bool = True
+    why: str = ""
+
+    def violation(self, value: float | None) -> str | None:
+        if value is None:
+            return None
+        ok = value <= self.limit if self.upper else value >= self.limit
+        if ok and value == value:  # NaN never passes
+            return None
+        sign = ">" if self.upper else "<"
+        return f"{self.metric} {value:.4g} {sign} {self.limit:.4g} allowed"

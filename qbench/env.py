@@ -1,10 +1,13 @@
-"""The environment a run happened in: library versions, device, git revision (results JSON ``env``)."""
+"""The environment a run happened in: library versions, device, git revision (results JSON ``env``); and keeping
+the libraries' own chatter out of qbench's output."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -86,3 +89,16 @@ def collect(device: str) -> dict:
         # Which GPUs this process was given (an xdist worker is pinned to one): part of where the numbers came from.
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, per-call casts) out of qbench's own output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

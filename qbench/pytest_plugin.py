@@ -1,7 +1,7 @@
 """qbench's pytest plugin: options, the device under test, GPU skips, and the drift case matrix.
 
 Tests that take the ``qbench_case`` fixture are parametrized over models × methods with readable ids
-(``glm-tiny-bnb-nf4-cpu``); the cases of one session run once through :func:`qbench.runner.run_cases`, so
+(``glm-tiny-bnb-nf4-cpu``); the cases of one session run once through :func:`qbench.run.engine.run_cases`, so
 each model's reference is scored once however many methods are selected.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
-DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4")
 
 
 def pytest_addoption(parser) -> None:
@@ -61,7 +59,7 @@ def pytest_configure(config) -> None:
                 f"-n {len(gpus) or 1} (or -n auto) so each worker has a GPU of its own; a shared GPU spoils "
                 "timings and memory peaks"
             )
-    from qbench.cli import quiet_libraries
+    from qbench.env import quiet_libraries
 
     quiet_libraries()
 
@@ -164,6 +162,8 @@ def shard(items: list, spec: str) -> list:
 
 
 def methods_of(config) -> list[str]:
+    from qbench.run import DRIFT_METHODS
+
     return config.getoption("--qbench-method") or list(DRIFT_METHODS)
 
 
@@ -192,10 +192,10 @@ class MatrixResults:
         self.results: dict[str, dict] = {}
 
     def _group(self, spec: str, dtype: str | None) -> tuple:
-        from qbench.baselines import perf as perf_baseline
-        from qbench.baselines import store
-        from qbench.runner import RunConfig, prepare_model, score_reference
-        from qbench.workload import Workload
+        from qbench.judge import perf as perf_baseline
+        from qbench.judge import store
+        from qbench.run import RunConfig, prepare_model, score_reference
+        from qbench.run.workload import Workload
 
         if (spec, dtype) not in self.groups:
             chosen = [c for sp, c, d in self.cases.values() if sp == spec and d == dtype]
@@ -224,7 +224,7 @@ class MatrixResults:
         return self.groups[spec, dtype]
 
     def __getitem__(self, case_id: str) -> dict:
-        from qbench.runner import error_result, execute_case
+        from qbench.run import error_result, execute_case
 
         if case_id not in self.results:
             spec, case, dtype = self.cases[case_id]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qbench import methods
-from qbench.baselines.perf import device_slug
+from qbench.judge.perf import device_slug
 from qbench.measure.timing import greedy_generate
 from qbench.models.zoo import GLM_TINY_DIR
 

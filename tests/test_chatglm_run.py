@@ -1,5 +1,5 @@
 """`qbench run --model` on ChatGLM3-format checkpoints (model_type ``chatglm``), no remote code: full precision and
-ChatGLM's own int8/int4, built from glm-tiny by :func:`qbench.convert.export_chatglm`."""
+ChatGLM's own int8/int4, built from glm-tiny by :func:`qbench.models.convert.export_chatglm`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from qbench.baselines import store
 from qbench.cli import EXIT_USAGE, main
-from qbench.convert import export_chatglm
+from qbench.judge import store
 from qbench.methods.chatglm import quantize_model
 from qbench.models import chatglm_checkpoint, zoo
+from qbench.models.convert import export_chatglm
 from qbench.models.loading import load_causal_lm
-from qbench.report import load_results
+from qbench.report.results import load_results
 
 FAST = ["--in-process", "--repeat", "1", "--new-tokens", "4"]
 

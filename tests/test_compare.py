@@ -9,14 +9,14 @@ import json
 import pytest
 
 from qbench.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from qbench.compare import CHANGED, REFUSED, SAME, compare
-from qbench.runner import RunConfig, run_cases
-from qbench.workload import Workload
+from qbench.report.compare import CHANGED, REFUSED, SAME, compare
+from qbench.run.engine import RunConfig, run_cases
+from qbench.run.workload import Workload
 
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
-    # repeat 3: the fewest timed runs the speed gate compares (qbench.baselines.perf.MIN_REPEAT).
+    # repeat 3: the fewest timed runs the speed gate compares (qbench.judge.perf.MIN_REPEAT).
     cfg = RunConfig(
         methods=["bf16", "chatglm-int4"],
         workload=Workload(repeat=3, new_tokens=4),

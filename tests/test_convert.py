@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qbench.cli import EXIT_USAGE, main
-from qbench.convert import convert, export_chatglm
 from qbench.errors import UsageError
 from qbench.formats import chatglm as fmt
 from qbench.models import zoo
+from qbench.models.convert import convert, export_chatglm
 
 
 def chatglm_forward(t: dict, cc: dict, ids: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ def test_shard_index_naming_missing_files_is_refused(tmp_path):
 @pytest.mark.parametrize("bits", [None, 8, 4], ids=["fp", "int8", "int4"])
 def test_direct_load_matches_chatglm_forward(tmp_path, bits):
     """`qbench run --model CHATGLM_DIR` reads the checkpoint as it is: int weights stay int in ChatGLMQuantLinear."""
-    from qbench.methods.chatglm import ChatGLMQuantLinear
+    from qbench.formats.chatglm_linear import ChatGLMQuantLinear
     from qbench.models import chatglm_checkpoint
 
     src = export_chatglm(zoo.resolve("glm-tiny"), tmp_path / "chatglm", bits=bits)

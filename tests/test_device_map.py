@@ -1,5 +1,5 @@
 """`qbench run --device-map auto|balanced|sequential|PATH --max-memory ...`: the map is planned or read, checked
-before anything loads (qbench.plan), passed to the loader, and recorded in the results."""
+before anything loads (qbench.run.plan), passed to the loader, and recorded in the results."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from qbench.cli import EXIT_USAGE, main
 from qbench.models import zoo
 from qbench.models.loading import load_causal_lm
-from qbench.report import load_results
+from qbench.report.results import load_results
 
 FAST = ["--in-process", "--repeat", "1", "--new-tokens", "4"]
 ALL_CPU = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu"}
@@ -20,7 +20,7 @@ ALL_CPU = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cp
 def _split_budget(method: str, gpu0_mib: float = 3) -> str:
     """--max-memory that makes glm-tiny spill from GPU 0 to GPU 1: GPU 0 gets the per-GPU reserve the planner
     holds back (CUDA context, activations) plus ``gpu0_mib`` (3 MiB: about half of glm-tiny's bf16 weights)."""
-    from qbench import plan as planning
+    from qbench.run import plan as planning
 
     probe = planning.plan(zoo.resolve("glm-tiny"), method, {0: 2**40, 1: 2**40}, context=128, new_tokens=4)
     return f"0={probe['reserved_per_gpu_bytes'] + int(gpu0_mib * 2**20)},1={2**36}"
@@ -82,7 +82,7 @@ def test_multi_gpu_outputs_equal_single_gpu():
     hidden states move between devices, so logits must be bit-identical."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA devices to split over; {torch.cuda.device_count()} visible")
-    from qbench import plan as planning
+    from qbench.run import plan as planning
 
     path = zoo.resolve("glm-tiny")
     ids = torch.arange(3, 131)[None]
@@ -119,7 +119,7 @@ def test_run_with_device_map_auto_matches_the_single_gpu_run(tmp_path):
 def test_gpu_plans_are_checked_on_cpu_up_to_the_load(monkeypatch):
     """The CUDA path without CUDA: plan for two GPUs from --max-memory, then check it as a GPU box would."""
     from qbench.errors import UsageError
-    from qbench.runner import RunConfig, check_plan, device_plan
+    from qbench.run.engine import RunConfig, check_plan, device_plan
 
     cfg = RunConfig(device="cuda", device_map="sequential", max_memory=_split_budget("bf16"))
     plan = device_plan(zoo.resolve("glm-tiny"), "bf16", cfg)

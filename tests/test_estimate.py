@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from qbench import methods
+from qbench.cli.estimate import add_estimate_parser, run_estimate
 from qbench.errors import UsageError
-from qbench.estimate_cli import add_estimate_parser, run_estimate
 from qbench.measure import estimate as est
 from qbench.measure.footprint import weights_bytes
 from qbench.models import zoo

@@ -8,11 +8,11 @@ import json
 import pytest
 from test_mutations import ScalesTooLarge  # the planted 2% scale error, defined once
 
-from qbench.baselines import store
 from qbench.errors import UsageError
+from qbench.judge import store
 from qbench.methods import registry
-from qbench.runner import RunConfig, run_cases
-from qbench.workload import Workload
+from qbench.run.engine import RunConfig, run_cases
+from qbench.run.workload import Workload
 
 # Small workload: enough positions for stable statistics on glm-tiny, short speed runs.
 SMALL = dict(max_positions=1024, greedy_tokens=12, contexts=(16,), new_tokens=4, repeat=1, warmup=0)

@@ -104,7 +104,7 @@ def test_a_stopped_runner_leaves_no_case_process_and_a_whole_results_file(faults
                         cmd = (proc / "cmdline").read_bytes()
                     except OSError:
                         continue
-                    if b"qbench.isolate" in cmd and b"fault-hang" in cmd:
+                    if b"qbench.run.isolate" in cmd and b"fault-hang" in cmd:
                         child = int(proc.name)
         assert child is not None, f"the hanging case never started: {runner.stderr.read() if runner.poll() else ''}"
         runner.send_signal(getattr(signal, how))

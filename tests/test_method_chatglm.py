@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from qbench import methods
 from qbench.formats import chatglm as fmt
+from qbench.formats.chatglm_linear import ChatGLMQuantLinear
 from qbench.measure.footprint import weights_bytes
-from qbench.methods.chatglm import ChatGLMQuantLinear, quantize_model
+from qbench.methods.chatglm import quantize_model
 from qbench.models import zoo
 from qbench.models.loading import load_causal_lm
 

@@ -12,14 +12,15 @@ import shutil
 import pytest
 import torch
 
-from qbench.baselines import store
 from qbench.case import Case
+from qbench.formats.chatglm_linear import ChatGLMQuantLinear
+from qbench.judge import store
+from qbench.judge.verdict import FAILING
 from qbench.methods import LoadRequest, registry
 from qbench.methods.bnb import NF4
-from qbench.methods.chatglm import ChatGLMInt4, ChatGLMQuantLinear
-from qbench.runner import RunConfig, judge_case, measure_case, prepare_model, run_cases, score_reference
-from qbench.verdict import FAILING
-from qbench.workload import Workload
+from qbench.methods.chatglm import ChatGLMInt4
+from qbench.run.engine import RunConfig, judge_case, measure_case, prepare_model, run_cases, score_reference
+from qbench.run.workload import Workload
 
 
 class SwappedNibbles(ChatGLMInt4):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qbench.baselines import perf
+from qbench.judge import perf
 
 
 def _perf(decode, prefill=1000.0, context=128):
@@ -51,7 +51,7 @@ def test_slug_names_the_exact_device():
 
 
 def test_single_cold_runs_neither_make_nor_meet_a_perf_baseline():
-    from qbench.workload import Workload
+    from qbench.run.workload import Workload
 
     assert perf.timed_enough(Workload())  # the default: 5 timed runs after a warm-up
     assert not perf.timed_enough(Workload(repeat=1))

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from qbench import plan as planning
+from qbench.cli.estimate import add_estimate_parser, run_estimate
 from qbench.errors import UsageError
-from qbench.estimate_cli import add_estimate_parser, run_estimate
 from qbench.measure import estimate as est
+from qbench.run import plan as planning
 
 GLM4_9B = "glm-4-9b-chat-hf"  # qbench/models/data/configs/glm-4-9b-chat-hf.json, the published config
 GiB = 2**30

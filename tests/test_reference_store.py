@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from qbench import methods
-from qbench.baselines import reference as stored
 from qbench.errors import UsageError
+from qbench.judge import reference as stored
 from qbench.measure.memory import track_peak
 from qbench.quality.drift import DriftAccumulator, build_reference, iter_logprobs
-from qbench.runner import RunConfig, prepare_model
+from qbench.run.engine import RunConfig, prepare_model
 
 FP = {"model": "m", "tokenizer": "t", "workload": "w", "reference": "bf16"}
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qbench.cli import EXIT_USAGE, main
-from qbench.report import markdown
+from qbench.report.table import markdown
 
 
 def _stat(v):

@@ -1,5 +1,8 @@
 """Pre-flight memory estimate: a model's peak memory for a method, from its config alone.
 
+(Over 300 lines on purpose: the peak's terms share one set of measured constants and one timeline, and each
+formula sits beside its provenance; the weight side lives in :mod:`qbench.measure.weights`.)
+
 Nothing is loaded: the model is built on the meta device from ``config.json`` and every tensor's size is worked
 out for the method analytically. The peak is the sum of
 
@@ -47,8 +50,6 @@ math fallback), the CUDA caching allocator's fragmentation, glibc's retention of
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -59,11 +60,26 @@ from qbench.errors import UsageError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+# The weight side of the estimate, re-exported: callers (qbench.run.plan, the tests) use it through this module.
+from qbench.measure.weights import (  # noqa: E402,F401
+    BNB_BLOCKSIZE,
+    BNB_NESTED_BLOCKSIZE,
+    CONFIGS_DIR,
+    DTYPE_BYTES,
+    TensorBytes,
+    WeightFormat,
+    WeightTable,
+    code_book_bytes,
+    load_config,
+    meta_model,
+    quantized_linear_bytes,
+    weight_format,
+    weight_table,
+)
+
 SCHEMA = "qbench.estimate/1"
 MiB, GiB = 2**20, 2**30
-DEFAULT_CONTEXT, DEFAULT_BATCH, DEFAULT_NEW_TOKENS = 128, 1, 32  # qbench.workload.Workload's defaults
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "models" / "data" / "configs"
-
+DEFAULT_CONTEXT, DEFAULT_BATCH, DEFAULT_NEW_TOKENS = 128, 1, 32  # qbench.run.workload.Workload's defaults
 # CPU process baseline: peak RSS of a fresh Python 3.11 process that imports torch 2.13.0 (CPU) + transformers 5.23
 # and qbench, loads glm-tiny (5.8 MB of weights) through qbench.methods and generates 128 + 32 tokens, minus
 # everything else this module predicts: 350-365 MiB over bf16/fp16/fp32/chatglm-int8/chatglm-int4 on a 2-core
@@ -75,214 +91,7 @@ CPU_BNB_IMPORT_BYTES = 50 * MiB
 # measured in pytorch/pytorch#86509, 667 MB without it), plus cuBLAS handle + workspace and the kernels a
 # transformer's first forward loads lazily (typically 100-250 MB): 512 MiB in all.
 CUDA_CONTEXT_BYTES = 512 * MiB
-BNB_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig does not expose it; bitsandbytes' default on CUDA and CPU
-BNB_NESTED_BLOCKSIZE = 256  # double quantization's blocksize for the absmax (bitsandbytes.functional.quantize_4bit)
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 KEEP_LOGITS = ("last", "all")
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How a method stores weights: ``scheme`` names the layout of its quantized linears."""
-
-    method: str
-    compute_dtype: str  # bf16 | fp16 | fp32
-    scheme: str  # none | bnb-4bit | bnb-int8 | chatglm
-    bits: int = 16
-    double_quant: bool = False
-
-    @property
-    def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.compute_dtype]
-
-
-def weight_format(method: str, compute_dtype: str | None = None) -> WeightFormat:
-    """The layout of ``method``'s weights, read from the method's own settings (its BitsAndBytesConfig, its bits)."""
-    from qbench import methods
-
-    m = methods.get(method)
-    dtype = compute_dtype or m.default_compute_dtype
-    methods.torch_dtype(dtype)  # UsageError for a bad dtype
-    if not m.quantized:
-        return WeightFormat(method, dtype, "none")
-    if m.family == "bitsandbytes":
-        cfg = m.config(methods.torch_dtype(dtype))
-        if cfg.load_in_4bit:
-            return WeightFormat(method, dtype, "bnb-4bit", 4, bool(cfg.bnb_4bit_use_double_quant))
-        return WeightFormat(method, dtype, "bnb-int8", 8)
-    if m.family == "chatglm":
-        return WeightFormat(method, dtype, "chatglm", m.bits)
-    raise UsageError(
-        f"--method {method}: the estimate has no size model for the {m.family} family; "
-        "add one to qbench/measure/estimate.py"
-    )
-
-
-def code_book_bytes(fmt: WeightFormat) -> int:
-    """Bytes of the lookup tables a model holds once (counted once, as ``weights_bytes`` does)."""
-    if fmt.scheme != "bnb-4bit":
-        return 0
-    return 16 * 4 + (256 * 4 if fmt.double_quant else 0)
-
-
-def quantized_linear_bytes(fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
-    """(bytes of the quantized weight, bytes of its side data) for one ``[out, in]`` linear, code books aside."""
-    n = out_features * in_features
-    if fmt.scheme == "bnb-4bit":
-        blocks = -(-n // BNB_BLOCKSIZE)
-        if fmt.double_quant:
-            return (n + 1) // 2, blocks + -(-blocks // BNB_NESTED_BLOCKSIZE) * 4
-        return (n + 1) // 2, blocks * 4
-    if fmt.scheme == "bnb-int8":
-        return n, out_features * 4
-    if fmt.scheme == "chatglm":
-        return (n if fmt.bits == 8 else out_features * (in_features // 2)), out_features * fmt.dtype_bytes
-    raise ValueError(f"{fmt.scheme} quantizes no linear")
-
-
-# ---------------------------------------------------------------------------------------------- config and meta model
-
-
-def load_config(path_or_config) -> PretrainedConfig:
-    """A transformers config from a config object, a dict, a ``config.json`` path, a checkpoint directory, a zoo
-    id or the name of a config shipped in ``qbench/models/data/configs`` (e.g. ``glm-4-9b-chat-hf``)."""
-    from transformers import CONFIG_MAPPING, PretrainedConfig
-
-    from qbench.models import zoo
-
-    if isinstance(path_or_config, PretrainedConfig):
-        return path_or_config
-    if isinstance(path_or_config, dict):
-        data, where = path_or_config, "config"
-    else:
-        spec = str(path_or_config)
-        path = Path(spec).expanduser()
-        if spec not in zoo.ZOO and not path.exists() and (CONFIGS_DIR / f"{spec}.json").is_file():
-            path = CONFIGS_DIR / f"{spec}.json"
-        if path.is_file() and path.suffix == ".json":
-            where = str(path)
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UsageError(f"--model {spec}: not valid JSON ({e}); pass a config.json") from None
-        else:
-            if spec not in zoo.ZOO and not path.exists() and "/" not in spec:
-                shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
-                raise UsageError(
-                    f"--model {spec}: not a zoo id ({', '.join(zoo.ZOO)}), a shipped config ({shipped}), a "
-                    "checkpoint directory or a config.json; pass one of those"
-                )
-            if path.is_dir():  # the config is all the estimate reads: a directory without weights is fine
-                if not (path / "config.json").is_file():
-                    raise UsageError(f"--model {spec}: no config.json there; pass a checkpoint directory or a config")
-            else:
-                path = zoo.resolve(spec)  # UsageError with its own one-line message
-            where = str(path / "config.json")
-            try:
-                data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UsageError(f"--model {where}: not valid JSON ({e}); fix or re-download it") from None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type == "chatglm":  # ChatGLM3's format: estimated as the GlmForCausalLM qbench loads it as
-        from qbench.models.chatglm_checkpoint import glm_config
-
-        data, model_type = glm_config(data), "glm"
-    if model_type not in zoo.SUPPORTED_MODEL_TYPES:
-        raise UsageError(
-            f"--model {where}: model_type {model_type!r} is not supported; qbench estimates "
-            f"{', '.join(zoo.SUPPORTED_MODEL_TYPES)}"
-        )
-    return CONFIG_MAPPING[model_type].from_dict(dict(data))
-
-
-def meta_model(config: PretrainedConfig, compute_dtype: str):
-    """The model built on the meta device in ``compute_dtype`` (buffers too): shapes and dtypes, no memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from qbench import methods
-
-    config = copy.deepcopy(config)  # from_config records the dtype in the config it is given
-    with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(config, dtype=methods.torch_dtype(compute_dtype))
-    return model.eval()
-
-
-def _quantized_linears(model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
-    """name → (out, in) of the linears ``fmt`` quantizes, decided as loading decides it."""
-    import torch
-
-    if fmt.scheme == "none":
-        return {}
-    if fmt.scheme == "chatglm":
-        from qbench.methods.chatglm import TARGETS
-
-        return {
-            n: (m.out_features, m.in_features)
-            for n, m in model.named_modules()
-            if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in TARGETS
-        }
-    import bitsandbytes as bnb
-    from transformers.quantizers import AutoHfQuantizer
-
-    from qbench import methods
-
-    original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
-    qcfg = methods.get(fmt.method).config(methods.torch_dtype(fmt.compute_dtype))
-    AutoHfQuantizer.from_config(qcfg, pre_quantized=False).preprocess_model(model, device_map=None)
-    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    return {
-        n: (original[n].out_features, original[n].in_features)
-        for n, m in model.named_modules()
-        if isinstance(m, kinds) and n in original
-    }
-
-
-@dataclass(frozen=True)
-class TensorBytes:
-    name: str  # parameter or buffer name, as in the loaded model
-    nbytes: int  # what it occupies once loaded, quantization side data included
-    kind: str  # quantized | param | buffer
-    side_bytes: int = 0  # of nbytes: block scales, code books, row scales
-    numel: int = 0  # elements of the unquantized tensor
-
-
-@dataclass(frozen=True)
-class WeightTable:
-    """Every parameter and buffer of the loaded model with its size, and the shapes of the quantized linears."""
-
-    tensors: list[TensorBytes]
-    quantized: dict[str, tuple[int, int]]  # module name → (out, in)
-
-    @property
-    def total(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    def largest_quantized(self) -> tuple[int, int] | None:
-        return max(self.quantized.values(), key=lambda oi: oi[0] * oi[1]) if self.quantized else None
-
-
-def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
-    """Sizes of every tensor of the model loaded with ``fmt``, worked out on the meta model."""
-    model = meta_model(config, fmt.compute_dtype)
-    tensors = [(n, t, "param") for n, t in model.named_parameters()]
-    tensors += [(n, t, "buffer") for n, t in model.named_buffers()]
-    quantized = _quantized_linears(model, fmt)  # may replace modules in `model`; `tensors` keeps the originals
-    out, books = [], code_book_bytes(fmt)
-    for name, t, kind in tensors:
-        module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight":
-            data, side = quantized_linear_bytes(fmt, *quantized[module])
-            side, books = side + books, 0  # the code books go with the first quantized linear
-            out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
-        elif kind == "param" and t.is_floating_point():
-            out.append(TensorBytes(name, t.numel() * fmt.dtype_bytes, kind, 0, t.numel()))
-        else:
-            out.append(TensorBytes(name, t.numel() * t.element_size(), kind, 0, t.numel()))
-    return WeightTable(out, quantized)
-
-
-# ----------------------------------------------------------------------------------------------------- runtime terms
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ Provenance: published llama.cpp ``perplexity --kl-divergence`` results, the stat
 
 from __future__ import annotations
 
-from qbench.verdict import Bound
+from qbench.case import Bound
 
 _4BIT = "GLM-4.6 quant, ANCHORS.md"
 _8BIT = "llama.cpp PR 5081 example, ~4.5-bit"

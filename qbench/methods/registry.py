@@ -10,22 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from qbench.case import DTYPES, torch_dtype  # noqa: F401  (re-exported: methods' own vocabulary)
 from qbench.errors import UsageError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel
-
-DTYPES = ("bf16", "fp16", "fp32")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    try:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    except KeyError:
-        raise UsageError(f"compute dtype {name!r} is not one of {', '.join(DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -34,7 +23,7 @@ class LoadRequest:
     device: str  # a torch device string: "cpu", "cuda", "cuda:1"
     compute_dtype: str  # one of DTYPES
     # An accelerate device map (module name → device index, "cpu" or "disk") spreading the model over several
-    # devices, already checked by qbench.plan; None puts the whole model on ``device``.
+    # devices, already checked by qbench.run.plan; None puts the whole model on ``device``.
     device_map: dict | None = None
     max_memory: dict | None = None  # bytes per device, passed to from_pretrained with the device map
 
@@ -51,7 +40,7 @@ class Method:
     quantized: ClassVar[bool] = True
     # The dtype activations are computed in unless the case says otherwise.
     default_compute_dtype: ClassVar[str] = "bf16"
-    # Absolute quality bounds against the full-precision reference (qbench.verdict.Bound), with provenance.
+    # Absolute quality bounds against the full-precision reference (qbench.case.Bound), with provenance.
     quality_bounds: ClassVar[tuple] = ()
 
     def load(self, req: LoadRequest) -> PreTrainedModel:

@@ -8,9 +8,9 @@ both). A prequantized checkpoint (``quantization_bit`` 4 or 8) stores, per quant
 so q/k/v come out still quantized.
 
 :func:`load` builds the GLM model with no remote code: full precision (dequantizing a prequantized checkpoint if
-asked), or, for a prequantized checkpoint, with :class:`qbench.methods.chatglm.ChatGLMQuantLinear` modules that
+asked), or, for a prequantized checkpoint, with :class:`qbench.formats.chatglm_linear.ChatGLMQuantLinear` modules that
 take the stored int weights and scales unchanged. Tensors are read one at a time (rows sliced in the file), so the
-load never holds the checkpoint and the model at once. :mod:`qbench.convert` writes the same tensors to disk.
+load never holds the checkpoint and the model at once. :mod:`qbench.models.convert` writes the same tensors to disk.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class ChatGLMCheckpoint:
         return self.tensors.get(src.key, src.rows).to(dtype)
 
     def stored_dtype(self) -> torch.dtype:
-        from qbench.methods.registry import torch_dtype
+        from qbench.case import torch_dtype
 
         names = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
         return torch_dtype(names.get(self.chatglm_config.get("torch_dtype", "float16"), "fp16"))
@@ -225,13 +225,13 @@ def load(path: Path, device: str, dtype: torch.dtype, keep_bits: int | None = No
     """``GlmForCausalLM`` from a ChatGLM-format checkpoint, in ``dtype``, on ``device`` (or spread by ``device_map``).
 
     With ``keep_bits`` (the checkpoint's own quantization_bit), the quantized projections become
-    :class:`~qbench.methods.chatglm.ChatGLMQuantLinear` holding the stored int weights and scales as they are;
+    :class:`~qbench.formats.chatglm_linear.ChatGLMQuantLinear` holding the stored int weights and scales as they are;
     otherwise every tensor is full precision (a prequantized checkpoint is dequantized).
     """
     from accelerate import init_empty_weights
     from transformers import GlmConfig, GlmForCausalLM
 
-    from qbench.methods.chatglm import ChatGLMQuantLinear
+    from qbench.formats.chatglm_linear import ChatGLMQuantLinear
 
     ckpt = ChatGLMCheckpoint(path)
     if keep_bits is not None and keep_bits != ckpt.bits:

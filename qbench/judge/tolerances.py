@@ -1,6 +1,6 @@
 """Regression bounds: how far a quantized case's numbers may move from its own stored baseline.
 
-Provenance, measured on glm-tiny with the default workload (``python -m qbench.baselines.noise``):
+Provenance, measured on glm-tiny with the default workload (``python -m qbench.run.noise``):
 
 * same CPU, 1 vs 2 torch threads, two repeats each: every metric bit-identical (spread 0) for all seven
   methods;

@@ -1,7 +1,7 @@
 """Each case in its own process, so an OOM, a CUDA error, an abort, a segfault or a hang ends that case only.
 
 The parent saves the model's reference once (the stored-reference format) and starts, per case, a fresh
-Python (``python -m qbench.isolate JOB.json``: a spawned process, never a fork of a process that has touched
+Python (``python -m qbench.run.case_process JOB.json``: a spawned process, never a fork of a process that has touched
 CUDA). The child rebuilds the tokenized workload, reads the reference, measures and judges the case, and
 writes its results entry. If it writes none, the parent makes the ``error`` entry itself from the exit
 status, the last lines of the child's log and its peak RSS (the child's VmHWM, polled while it lives).
@@ -19,10 +19,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from qbench.baselines import reference as stored_reference
-from qbench.baselines.store import atomic_write_json
 from qbench.case import Case
-from qbench.verdict import ERROR
+from qbench.judge import reference as stored_reference
+from qbench.judge.store import atomic_write_json
+from qbench.judge.verdict import ERROR
+from qbench.run.outcome import LOG_TAIL_LINES, case_fields
 
 POLL_S = 0.05
 
@@ -73,7 +74,7 @@ class CaseProcesses:
         )
         with log.open("wb") as log_f:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "qbench.isolate", str(job)],
+                [sys.executable, "-m", "qbench.run.case_process", str(job)],
                 stdout=log_f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -98,8 +99,6 @@ class CaseProcesses:
                 why += " (the kernel's OOM killer sends it when memory runs out)"
         else:
             why = f"case process exited with status {code} without a result"
-        from qbench.runner import LOG_TAIL_LINES, case_fields
-
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
 
         return {
@@ -115,7 +114,7 @@ def _vmhwm(pid: int) -> int:
     """The child's RSS high-water mark, once it runs the case process; 0 before its exec (until then it is a
     copy of the parent, and its figures are the parent's)."""
     try:
-        if b"qbench.isolate" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if b"qbench.run.case_process" not in Path(f"/proc/{pid}/cmdline").read_bytes():
             return 0
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -144,68 +143,3 @@ def _wait(proc: subprocess.Popen, timeout_s: float):
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(POLL_S)
-
-
-def _child(job_path: str) -> None:
-    """The case process: rebuild, measure, judge, write the results entry. Exceptions become ``error``."""
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    _die_with_parent(job.get("parent_pid"))
-    from qbench.cli import quiet_libraries
-
-    quiet_libraries()
-    import qbench.methods  # noqa: F401  (registers the built-in methods and those of $QBENCH_METHOD_MODULES)
-    from qbench.runner import RunConfig, execute_case, prepare_model
-    from qbench.workload import Workload
-
-    c = job["cfg"]
-    wl = {k: tuple(v) if isinstance(v, list) else v for k, v in c["workload"].items()}
-    wl = Workload(**{**wl, "eval_text": Path(wl["eval_text"]), "prompts": Path(wl["prompts"])})
-    cfg = RunConfig(
-        models=[job["spec"]],
-        methods=[job["case"]["method"]],
-        device=c["device"],
-        reference=c["reference"],
-        workload=wl,
-        baselines=Path(c["baselines"]),
-        update_baselines=c["update_baselines"],
-        lenient=c["lenient"],
-        reference_model=c["reference_model"],
-        device_map=c["device_map"],
-        max_memory=c["max_memory"],
-    )
-    ctx = prepare_model(job["spec"], cfg)
-    ctx.reference, ctx.reference_greedy = stored_reference.load(Path(job["reference_dir"]), ctx.fingerprints)
-    if job.get("memory_limit"):
-        _limit_address_space(job["memory_limit"])
-    result = execute_case(Case(**job["case"]), ctx, cfg, lambda case, stage: print(f"{case}: {stage}", flush=True))
-    atomic_write_json(Path(job["out"]), result)
-
-
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGKILL this process when the runner dies (even by SIGKILL or the OOM killer), so no case
-    process is left holding a GPU; if the runner is already gone, stop now."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the runner's own cleanup (Ctrl-C, SIGTERM) still applies
-        return
-    if parent_pid is not None and os.getppid() != parent_pid:
-        sys.exit("the runner that started this case process is gone")
-
-
-def _limit_address_space(extra_bytes: int) -> None:
-    """Cap the address space at what the process maps now (interpreter, torch, tokenized workload) plus
-    ``extra_bytes``, so the limit concerns the case itself, not the libraries' large virtual mappings."""
-    import resource
-
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            now = int(line.split()[1]) * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
-            return
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])

@@ -57,7 +57,7 @@ def convert(
     safetensors); return notes for the user (one line each)."""
     from safetensors.torch import save_file
 
-    from qbench.methods.registry import torch_dtype
+    from qbench.case import torch_dtype
 
     if not (src / "config.json").is_file():
         raise UsageError(f"{src}: no config.json; pass a ChatGLM3-format checkpoint directory")

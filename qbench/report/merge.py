@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qbench.errors import UsageError
-from qbench.report import load_results, write_json
+from qbench.report.results import load_results, write_json
 
 
 def merge(inputs: list[Path]) -> dict:

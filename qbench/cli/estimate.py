@@ -21,7 +21,7 @@ EXIT_OK, EXIT_DOES_NOT_FIT = 0, 1
 def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``estimate`` to ``subparsers`` (an argparse subparsers object; its parser class is the caller's)."""
     from qbench.measure import estimate as est
-    from qbench.plan import STRATEGIES
+    from qbench.run.plan import STRATEGIES
 
     p = subparsers.add_parser(
         "estimate",
@@ -79,9 +79,9 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_estimate(args, console) -> int:
     """Run ``qbench estimate``; UsageError propagates (the CLI prints it as one line and exits 2)."""
-    from qbench import plan as planning
     from qbench.measure import estimate as est
     from qbench.models import zoo
+    from qbench.run import plan as planning
 
     budgets = planning.parse_max_memory(args.max_memory) if args.max_memory else {}
     gpus = [k for k in budgets if isinstance(k, int)]

@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from qbench.baselines.store import atomic_write_json
 from qbench.errors import UsageError
+from qbench.judge.store import atomic_write_json
 
 SCHEMA = "qbench.perf/1"
 

@@ -1,6 +1,8 @@
 """Device-map planning on the meta device: where accelerate would put each module of a model, for a method, with
 no GPU and no weights.
 
+(A little over 300 lines: parsing budgets, the sized proxy and the plan report are one story, told in order.)
+
 The plan runs accelerate's own ``infer_auto_device_map`` (after ``get_balanced_memory`` for the ``balanced``
 strategy, which is what ``from_pretrained(device_map="auto")`` does) with ``no_split_module_classes`` from the
 model's ``_no_split_modules``. accelerate sizes a module from its tensors' numel × dtype, which cannot express a

@@ -1,14 +1,9 @@
-"""Reports of a results document: the terminal table and the JSON file."""
+"""A results document as a terminal table and as Markdown (for $GITHUB_STEP_SUMMARY)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
-
-from qbench.baselines.store import atomic_write_json
-from qbench.errors import UsageError
 
 STATUS_STYLE = {"pass": "green", "drift": "red", "regression": "red", "error": "bold red", "skipped": "yellow"}
 
@@ -76,10 +71,6 @@ def print_report(results: dict, console: Console) -> None:
                 console.print(f"  {c['id']} log tail:\n    " + "\n    ".join(c["log_tail"]), markup=False)
 
 
-def write_json(results: dict, path: Path) -> None:
-    atomic_write_json(path, results)
-
-
 def markdown(results: dict) -> str:
     """A Markdown table fit for $GITHUB_STEP_SUMMARY."""
     env = results["env"]
@@ -104,39 +95,3 @@ def markdown(results: dict) -> str:
         )
     reasons = [f"- `{c['id']}`: {r}" for c in results["cases"] for r in c.get("reasons", [])]
     return "\n".join(lines + ([""] + reasons if reasons else [])) + "\n"
-
-
-def load_results(path: Path) -> dict:
-    """A results JSON written by ``qbench run``; anything else is a UsageError naming the problem."""
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file; pass a results JSON written by `qbench run --json`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({e}); pass a results file written by `qbench run --json`") from None
-    if not isinstance(data, dict) or data.get("schema") != "qbench.results/1" or "cases" not in data:
-        raise UsageError(
-            f"{path}: not a qbench results file (schema {data.get('schema') if isinstance(data, dict) else None!r})"
-        )
-    return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m qbench.report", description="Render a qbench results JSON.")
-    p.add_argument("results", type=Path)
-    p.add_argument("--markdown", type=Path, help="write a Markdown summary here")
-    args = p.parse_args(argv)
-    results = load_results(args.results)
-    if args.markdown:
-        args.markdown.write_text(markdown(results), encoding="utf-8")
-    else:
-        print_report(results, Console())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from qbench.baselines.store import atomic_write_json
 from qbench.errors import UsageError
+from qbench.judge.store import atomic_write_json
 from qbench.quality.drift import Reference
 
 SCHEMA = "qbench.reference/1"

@@ -5,40 +5,19 @@ Two gates per case:
 * quality against the full-precision reference of the same run, with absolute bounds per method
   (``Method.quality_bounds``);
 * regression against the stored baseline of the same quantized case, with bounds from measured noise
-  (:mod:`qbench.baselines.tolerances`), refused when the fingerprints say the numbers are not comparable.
+  (:mod:`qbench.judge.tolerances`), refused when the fingerprints say the numbers are not comparable.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qbench.baselines.tolerances import GREEDY_TIE_MARGIN, REGRESSION_TOLERANCES
-
-PASS, DRIFT, REGRESSION, ERROR, SKIPPED = "pass", "drift", "regression", "error", "skipped"
-FAILING = (DRIFT, REGRESSION, ERROR)
+from qbench.case import DRIFT, ERROR, FAILING, PASS, REGRESSION, SKIPPED, Bound  # noqa: F401  (re-exported)
+from qbench.judge.tolerances import GREEDY_TIE_MARGIN, REGRESSION_TOLERANCES
 
 # Fingerprints that must match for a comparison to mean anything. Library versions are recorded but not
 # compared: a change of library is exactly what the gate exists to judge.
 COMPARED_FINGERPRINTS = ("model", "tokenizer", "workload", "reference")
-
-
-@dataclass(frozen=True)
-class Bound:
-    """``metric`` must stay at or below (``upper``) or at or above ``limit``; ``why`` gives its provenance."""
-
-    metric: str
-    limit: float
-    upper: bool = True
-    why: str = ""
-
-    def violation(self, value: float | None) -> str | None:
-        if value is None:
-            return None
-        ok = value <= self.limit if self.upper else value >= self.limit
-        if ok and value == value:  # NaN never passes
-            return None
-        sign = ">" if self.upper else "<"
-        return f"{self.metric} {value:.4g} {sign} {self.limit:.4g} allowed"
 
 
 @dataclass

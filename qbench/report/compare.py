@@ -3,7 +3,7 @@ transformers or bitsandbytes, a driver, a new checkpoint export).
 
 Cases are matched by id. Each pair is judged with the same gates a run applies against its stored baseline, A
 standing in for the baseline: the fingerprints must match (model, tokenizer, workload, reference) or the pair is
-refused; quality metrics may move only within the measured noise of :mod:`qbench.baselines.tolerances`; weight
+refused; quality metrics may move only within the measured noise of :mod:`qbench.judge.tolerances`; weight
 bytes must be equal; a greedy continuation may change only at a near-tie; speed is gated with the perf bounds
 when both runs timed the same settings on the same device. The library versions that differ are listed, so a
 regression points at the upgrade that made it.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qbench.baselines import perf as perf_baseline
-from qbench.verdict import ERROR, fingerprint_mismatches, regression_gate
+from qbench.judge import perf as perf_baseline
+from qbench.judge.verdict import ERROR, fingerprint_mismatches, regression_gate
 
 SAME, CHANGED, REFUSED, NOT_COMPARED = "same", "regressed", "refused", "not compared"
 SHOWN = ("ppl", "kld_mean", "kld_p99", "same_top1", "addition_accuracy")
@@ -150,8 +150,8 @@ def to_markdown(doc: dict, a_name: str, b_name: str) -> str:
 
 def run(a_path: Path, b_path: Path, console, markdown: Path | None = None, json_out: Path | None = None) -> bool:
     """Compare two results files, print (and write) the comparison; True when B regressed or was refused."""
-    from qbench.baselines.store import atomic_write_json
-    from qbench.report import load_results
+    from qbench.judge.store import atomic_write_json
+    from qbench.report.results import load_results
 
     doc = compare(load_results(a_path), load_results(b_path))
     print_comparison(doc, console, str(a_path), str(b_path))

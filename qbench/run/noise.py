@@ -1,6 +1,6 @@
 """Measure the run-to-run noise of the quality numbers, the provenance of the regression tolerances.
 
-``python -m qbench.baselines.noise --threads 1,2 --repeats 2`` runs the drift matrix on glm-tiny once per
+``qbench baseline noise --threads 1,2 --repeats 2`` runs the drift matrix on glm-tiny once per
 thread count and repeat, and prints, per method and metric, the largest spread seen next to the tolerance
 that applies. Thread count changes the reduction order of the CPU matmuls, which is the noise a CI machine
 with another core count sees.
@@ -8,13 +8,13 @@ with another core count sees.
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
 
-from qbench.baselines.tolerances import REGRESSION_TOLERANCES
-from qbench.runner import RunConfig, run_cases
+from qbench.judge.tolerances import REGRESSION_TOLERANCES
+from qbench.run.config import RunConfig
+from qbench.run.engine import run_cases
 
 
 def measure(methods: list[str], threads: list[int], repeats: int, model: str = "glm-tiny") -> dict:
@@ -32,27 +32,16 @@ def measure(methods: list[str], threads: list[int], repeats: int, model: str = "
     return {"values": seen, "greedy_variants": {k: len(v) for k, v in greedy.items()}}
 
 
-def main() -> None:
-    from qbench.cli import quiet_libraries
-    from qbench.pytest_plugin import DRIFT_METHODS
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--method", action="append")
-    args = p.parse_args()
-    quiet_libraries()
-    out = measure(args.method or list(DRIFT_METHODS), [int(t) for t in args.threads.split(",")], args.repeats)
+def summary(out: dict) -> list[str]:
+    """One line per method and metric: the spread seen next to the tolerance that applies."""
     tols = {t.metric: t for t in REGRESSION_TOLERANCES}
+    lines = []
     for method, metrics in out["values"].items():
         for metric, vals in metrics.items():
             spread = max(vals) - min(vals)
-            print(
+            lines.append(
                 f"{method:12} {metric:18} n={len(vals)} spread {spread:.3g} "
                 f"(values {min(vals):.5g}..{max(vals):.5g}; allowed {tols[metric].allowed(vals[0]):.3g})"
             )
-        print(f"{method:12} distinct greedy continuations seen: {out['greedy_variants'][method]}")
-
-
-if __name__ == "__main__":
-    main()
+        lines.append(f"{method:12} distinct greedy continuations seen: {out['greedy_variants'][method]}")
+    return lines

@@ -21,7 +21,7 @@ class Workload:
     window: int = field(default=128, metadata={"help": "tokens per scoring window"})
     max_positions: int = field(default=4096, metadata={"help": "at most this many scored positions"})
     # 32: on glm-tiny the top-32 KLD is within 4.3% of the full-vocabulary KLD (k=64: 1.9%, k=16: 8%), and
-    # the stored reference stays under 1 MB (qbench/baselines/reference.py).
+    # the stored reference stays under 1 MB (qbench/judge/reference.py).
     top_k: int = field(default=32, metadata={"help": "reference top-k kept per position"})
     greedy_tokens: int = field(default=24, metadata={"help": "greedy continuation length per prompt"})
     contexts: tuple[int, ...] = field(default=(128,), metadata={"help": "prompt tokens for the speed test (sweep)"})

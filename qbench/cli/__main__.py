@@ -1,0 +1,7 @@
+"""``python -m qbench.cli``: the ``qbench`` command."""
+
+import sys
+
+from qbench.cli import main
+
+sys.exit(main())

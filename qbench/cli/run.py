@@ -1,0 +1,251 @@
+"""``qbench run`` and ``qbench baseline update|noise``: select cases, run them, print and write the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from qbench.cli.common import EXIT_FAILED, EXIT_OK, Parser, fmt, positive, positive_list
+from qbench.errors import UsageError
+
+
+def add_parsers(sub) -> None:
+    run = sub.add_parser("run", help="quantize, judge drift against baselines, measure speed and memory")
+    add_selection(run)
+    run.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the results JSON (qbench.results/1) here, atomically after every case",
+    )
+    run.add_argument("--resume", action="store_true", help="keep the cases already in --json PATH; run the rest")
+    run.set_defaults(handler=lambda args, console, err: execute(args, update=False, console=console, err=err))
+    base = sub.add_parser("baseline", help="manage stored baselines")
+    bsub = base.add_subparsers(dest="baseline_cmd", required=True, parser_class=Parser)
+    upd = bsub.add_parser("update", help="run the selected cases and rewrite their baselines, printing what changed")
+    add_selection(upd)
+    upd.add_argument("--json", type=Path, metavar="PATH", help="also write the results JSON here")
+    upd.set_defaults(handler=lambda args, console, err: execute(args, update=True, console=console, err=err))
+    noise = bsub.add_parser(
+        "noise",
+        help="measure the run-to-run spread of the quality numbers (the tolerances' provenance)",
+    )
+    noise.add_argument("--model", default="glm-tiny", metavar="ID|PATH", help="model (default: glm-tiny)")
+    noise.add_argument(
+        "--method", action="append", metavar="NAME", help="method, repeatable (default: the drift matrix)"
+    )
+    noise.add_argument(
+        "--threads", type=positive_list, default=(1, 2), metavar="N[,N...]", help="thread counts (default 1,2)"
+    )
+    noise.add_argument("--repeats", type=positive, default=1, help="runs per thread count (default 1)")
+    noise.set_defaults(handler=run_noise)
+
+
+def run_noise(args, console: Console, err: Console) -> int:
+    from qbench.run import DRIFT_METHODS, noise
+
+    out = noise.measure(args.method or list(DRIFT_METHODS), list(args.threads), args.repeats, args.model)
+    for line in noise.summary(out):
+        console.print(line, markup=False, highlight=False)
+    return EXIT_OK
+
+
+def add_selection(p: argparse.ArgumentParser) -> None:
+    from qbench.run import DEFAULT_METHODS
+
+    g = p.add_argument_group("what to run")
+    g.add_argument(
+        "--model",
+        action="append",
+        metavar="ID|PATH",
+        help="zoo id (glm-tiny, glm4-tiny, glm4-moe-tiny), checkpoint directory or cached hub id; "
+        "repeatable (default: glm-tiny)",
+    )
+    g.add_argument(
+        "--method",
+        action="append",
+        metavar="NAME",
+        help=f"quantization method, repeatable (default: {' '.join(DEFAULT_METHODS)}; `qbench methods` lists them)",
+    )
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
+    g.add_argument(
+        "--compute-dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="activation dtype for every method (default: each method's own)",
+    )
+    g.add_argument("--reference", default="bf16", help="method the drift is measured against (default: bf16)")
+    g.add_argument(
+        "--reference-model",
+        metavar="ID|PATH",
+        help="score the reference on this checkpoint instead of the model itself: the full-precision model a "
+        "prequantized checkpoint was made from (same tokenizer)",
+    )
+    g.add_argument(
+        "--device-map",
+        metavar="auto|balanced|sequential|PATH",
+        help="spread each model over GPUs: planned with accelerate within --max-memory, or a JSON device map "
+        "(module name → GPU index or cpu), checked before anything loads",
+    )
+    g.add_argument(
+        "--max-memory",
+        metavar="0=20GiB,1=20GiB,cpu=64GiB",
+        help="memory each device may use for --device-map (default: what each device has free now)",
+    )
+    g.add_argument(
+        "--reference-source",
+        choices=["compute", "stored"],
+        default="compute",
+        help="compute the reference in this run (default), or read it from baselines/ without "
+        "loading the full-precision model",
+    )
+    w = p.add_argument_group("workload")
+    w.add_argument(
+        "--context",
+        type=positive_list,
+        default=(128,),
+        metavar="N[,N...]",
+        help="prompt tokens for the speed test; a list sweeps (default 128)",
+    )
+    w.add_argument(
+        "--batch",
+        type=positive_list,
+        default=(1,),
+        metavar="B[,B...]",
+        help="batch size for the speed test; a list sweeps (default 1)",
+    )
+    w.add_argument("--new-tokens", type=positive, default=32, help="tokens generated per speed run (default 32)")
+    w.add_argument("--repeat", type=positive, default=5, help="timed speed runs after one warm-up (default 5)")
+    w.add_argument(
+        "--window",
+        type=positive,
+        default=128,
+        help="tokens per scoring window (default 128, glm-tiny's training length; use 512+ for real GLMs)",
+    )
+    w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
+    w.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's choice)")
+    r = p.add_argument_group("isolation")
+    r.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cases in this process (default: each case in its own, so a crash ends only that case)",
+    )
+    r.add_argument(
+        "--case-timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="kill an isolated case after S seconds and record an error verdict (default 3600)",
+    )
+    r.add_argument(
+        "--case-memory-limit",
+        type=float,
+        metavar="GiB",
+        help="address space an isolated case may add after start-up; past it the case errors",
+    )
+    b = p.add_argument_group("baselines")
+    b.add_argument("--baselines", type=Path, help="baseline directory (default: the checkout's baselines/)")
+    b.add_argument(
+        "--lenient",
+        action="store_true",
+        help="skip, instead of failing, cases whose baseline fingerprints do not match",
+    )
+
+
+def run_config(args, update: bool):
+    from qbench.env import default_device
+    from qbench.run import DEFAULT_METHODS, RunConfig
+    from qbench.run.workload import Workload
+
+    wl_kwargs = {
+        "contexts": args.context,
+        "batches": args.batch,
+        "new_tokens": args.new_tokens,
+        "repeat": args.repeat,
+        "window": args.window,
+    }
+    if args.eval_text:
+        wl_kwargs["eval_text"] = args.eval_text
+    cfg = RunConfig(
+        models=args.model or ["glm-tiny"],
+        methods=args.method or list(DEFAULT_METHODS),
+        device=args.device or default_device(),
+        compute_dtype=args.compute_dtype,
+        reference=args.reference,
+        workload=Workload(**wl_kwargs),
+        update_baselines=update,
+        lenient=args.lenient,
+        reference_source=args.reference_source,
+        isolate=not args.in_process,
+        case_timeout_s=args.case_timeout,
+        case_memory_limit=int(args.case_memory_limit * 2**30) if args.case_memory_limit else None,
+        reference_model=args.reference_model,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+    )
+    if args.max_memory and not args.device_map:
+        raise UsageError("--max-memory caps the devices of --device-map; pass --device-map auto (or a map) too")
+    if args.baselines:
+        cfg.baselines = args.baselines
+    return cfg
+
+
+def execute(args, update: bool, console: Console, err: Console) -> int:
+    import torch
+
+    from qbench.judge.verdict import FAILING
+    from qbench.report.results import write_json
+    from qbench.report.table import print_report
+    from qbench.run import run_cases
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = run_config(args, update)
+    if getattr(args, "json", None) and args.json.is_dir():
+        raise UsageError(f"--json {args.json}: is a directory; pass a file path such as results.json")
+    t0 = time.perf_counter()
+
+    def progress(case: str, stage: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {case}: {stage}", highlight=False)
+
+    done = {}
+    if getattr(args, "resume", False):
+        from qbench.report.results import load_results
+
+        if not args.json:
+            raise UsageError("--resume needs --json PATH: the results file of the run to resume")
+        if args.json.is_file():
+            from qbench.run import config_doc
+
+            earlier = load_results(args.json)
+            now = json.loads(json.dumps(config_doc(cfg)))  # as the file holds it (tuples become lists)
+            then, skip = earlier["config"], ("models", "methods", "isolate", "workload")
+            changed = [f"--{k.replace('_', '-')}" for k in now if k not in skip and then.get(k) != now[k]]
+            then_wl = then.get("workload", {})
+            changed += [f"workload {k}" for k, v in now["workload"].items() if then_wl.get(k) != v]
+            if changed:
+                raise UsageError(
+                    f"--resume: {args.json} was made with other settings ({', '.join(changed)}), so its cases would "
+                    "not compare with new ones; repeat the earlier command with --resume, or pass a new --json"
+                )
+            done = {c["id"]: c for c in earlier["cases"]}
+    if getattr(args, "json", None):  # keep each reference beside the results, so --resume need not score it again
+        cfg.reference_cache = args.json.with_name(args.json.name + ".references")
+        cfg.reuse_reference = bool(getattr(args, "resume", False))
+    on_case = (lambda doc: write_json(doc, args.json)) if getattr(args, "json", None) else None
+    results = run_cases(cfg, progress, done=done, on_case=on_case)
+    print_report(results, console)
+    if update:
+        for c in results["cases"]:
+            changed = c.get("baseline", {}).get("updated")
+            if changed is not None:
+                what = ", ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in changed.items()) or "no change"
+                console.print(f"updated {c['baseline']['path']}: {what}", markup=False, highlight=False)
+    if getattr(args, "json", None):
+        write_json(results, args.json)
+        err.print(f"results written to {args.json}", highlight=False)
+    err.print(f"wall time {results['wall_s']:.1f}s", highlight=False)
+    return EXIT_FAILED if any(c["status"] in FAILING for c in results["cases"]) else EXIT_OK

@@ -1,0 +1,1 @@
+"""The judge wing: stored baselines and references, fingerprints, tolerances with provenance, verdicts."""

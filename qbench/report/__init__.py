@@ -1,0 +1,1 @@
+"""The report wing: terminal table, Markdown, plots, results files, merging shards and comparing two runs."""

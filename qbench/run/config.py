@@ -1,0 +1,99 @@
+"""The run's settings (:class:`RunConfig`) and the checks made on them before any model loads.
+
+What a run is asked to do: models, methods, device, reference, workload, baselines, isolation, device maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qbench import methods
+from qbench.case import device_class
+from qbench.errors import UsageError
+from qbench.judge import reference as stored_reference
+from qbench.judge import store
+from qbench.models import zoo
+from qbench.run.context import ModelContext, check_reference_model
+from qbench.run.devices import check_device, check_plan, device_plan
+from qbench.run.workload import Workload
+
+DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
+# The drift gate's matrix (pytest -m drift, `qbench baseline noise`): every built-in method that runs on a CPU.
+DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4")
+
+
+@dataclass
+class RunConfig:
+    models: list[str] = field(default_factory=lambda: ["glm-tiny"])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    device: str = "cpu"
+    compute_dtype: str | None = None  # None: each method's own default
+    reference: str = "bf16"
+    workload: Workload = field(default_factory=Workload)
+    baselines: Path = field(default_factory=store.default_root)
+    update_baselines: bool = False
+    lenient: bool = False
+    reference_source: str = "compute"  # "compute": load the reference model; "stored": use baselines/
+    isolate: bool = False  # each case in its own process (the CLI's default); in-process for library callers
+    case_timeout_s: float = 3600.0  # isolated cases only: past this a case is killed and becomes an error
+    case_memory_limit: int | None = None  # isolated cases only: extra address space a case may map (bytes)
+    # Full-precision checkpoint the reference is scored on (default: the model itself); e.g. the model a
+    # prequantized ChatGLM checkpoint was made from. Its tokenizer must be the model's.
+    reference_model: str | None = None
+    # Spread each model over devices: "auto"/"balanced", "sequential" (planned by qbench.run.plan with accelerate) or a
+    # JSON device map's path; ``max_memory`` ("0=20GiB,1=20GiB,cpu=64GiB") caps each device.
+    device_map: str | None = None
+    max_memory: str | None = None
+    # Where each model's reference is kept for --resume (the CLI: beside the results file), and whether to reuse one
+    # found there: a resumed run then skips the reference pass too, when the fingerprints still match.
+    reference_cache: Path | None = None
+    reuse_reference: bool = False
+
+    def reference_dir(self, ctx: ModelContext) -> Path:
+        return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
+
+    def validate(self) -> None:
+        """Everything that can be checked before any model is loaded, so bad input costs nothing."""
+        for name in [*self.methods, self.reference]:
+            methods.get(name)
+        if self.compute_dtype is not None:
+            methods.torch_dtype(self.compute_dtype)
+        if self.reference_source not in ("compute", "stored"):
+            raise UsageError(f"--reference-source {self.reference_source}: choose compute or stored")
+        if self.reference_source == "stored" and self.update_baselines:
+            raise UsageError("baseline update recomputes the reference; drop --reference-source stored")
+        check_device(self.device)
+        self.workload.text()
+        self.workload.prompt_set()
+        ref_path = zoo.resolve(self.reference_model) if self.reference_model else None
+        for spec in self.models:
+            path = zoo.resolve(spec)
+            for name in self.methods:
+                if problem := methods.get(name).checkpoint_problem(path):
+                    raise UsageError(f"--model {spec} --method {name}: {problem}")
+            if ref_path is not None:
+                check_reference_model(spec, path, self.reference_model, ref_path)
+            if problem := methods.get(self.reference).checkpoint_problem(ref_path or path):
+                raise UsageError(f"--reference {self.reference} on {ref_path or spec}: {problem}")
+            if self.device_map is not None:
+                for name in self.methods:
+                    check_plan(device_plan(path, name, self), self)
+                ref_dtype = methods.get(self.reference).default_compute_dtype
+                check_plan(device_plan(ref_path or path, self.reference, self, ref_dtype), self)
+
+
+def config_doc(cfg: RunConfig) -> dict:
+    return {
+        "models": cfg.models,
+        "methods": cfg.methods,
+        "device": cfg.device,
+        "reference": cfg.reference,
+        "reference_source": cfg.reference_source,
+        "compute_dtype": cfg.compute_dtype,
+        "isolate": cfg.isolate,
+        "reference_model": cfg.reference_model,
+        "device_map": cfg.device_map,
+        "max_memory": cfg.max_memory,
+        "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
+    }

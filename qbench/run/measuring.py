@@ -1,0 +1,151 @@
+"""Measuring one case: load and quantize, score drift, time speed, track memory (no judging here)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from qbench import methods
+from qbench.case import Case
+from qbench.measure.bandwidth import decode_bandwidth
+from qbench.measure.estimate import estimate, peak_summary
+from qbench.measure.footprint import weights_bytes
+from qbench.measure.memory import track_peak
+from qbench.measure.timing import measure_speed
+from qbench.quality import layers, tasks
+from qbench.quality.drift import DriftAccumulator, greedy_agreement, iter_logprobs
+from qbench.run.context import ModelContext, Progress
+from qbench.run.devices import check_plan, device_plan, load_model, observed_placement, release_memory
+
+if TYPE_CHECKING:
+    from qbench.run.config import RunConfig
+
+
+class DoesNotFit(RuntimeError):
+    """The pre-flight estimate exceeds the memory available: the case is an error before anything loads."""
+
+
+def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progress) -> dict:
+    """Load, quantize and run one case; return its measurements (no judging here)."""
+    method = methods.get(case.method)
+    wl = cfg.workload
+    est = estimate(
+        ctx.path,
+        case.method,
+        max(wl.contexts),
+        max(wl.batches),
+        wl.new_tokens,
+        case.device,
+        compute_dtype=case.compute_dtype,
+    )
+    plan = device_plan(ctx.path, case.method, cfg, case.compute_dtype) if cfg.device_map else None
+    if plan is not None:
+        check_plan(plan, cfg)
+        if plan["fits"] is False:
+            over = [
+                f"{d} needs {row['total_bytes'] / 2**30:.2f} of {row['budget_bytes'] / 2**30:.2f} GiB"
+                for d, row in plan["devices"].items()
+                if row["fits"] is False
+            ]
+            raise DoesNotFit(f"not loaded: the device map does not fit: {'; '.join(over)}")
+    elif est["fits"] is False:
+        raise DoesNotFit(f"not loaded: the pre-flight estimate says it does not fit: {peak_summary(est)}")
+    progress(case.id, "loading + quantizing")
+    gpus = tuple(sorted({d for d in plan["device_map"].values() if isinstance(d, int)})) if plan else ()
+    t0 = time.perf_counter()
+    with track_peak(case.device, gpus) as load_mem:
+        model = load_model(method, ctx.path, case.device, case.compute_dtype, plan)
+    load_s = time.perf_counter() - t0
+    loaded_map = observed_placement(model, plan["device_map"]) if plan is not None else None
+    quantized = method.quantized_modules(model)
+    footprint = {"weights_bytes": weights_bytes(model), "quantized_modules": len(quantized)}
+    head = model.get_output_embeddings()
+    checks = {
+        "left_unquantized": method.left_unquantized(model),
+        "lm_head": type(head).__name__,
+        "lm_head_full_precision": type(head) is torch.nn.Linear and head.weight.is_floating_point(),
+        "observed_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "expected_dtype": str(methods.torch_dtype(case.compute_dtype)).removeprefix("torch."),
+    }
+
+    progress(case.id, f"scoring {ctx.eval_ids.numel() - 1} positions")
+    t0 = time.perf_counter()
+    with track_peak(case.device, gpus) as score_mem:
+        acc = DriftAccumulator(ctx.reference)
+        for logp, targets in iter_logprobs(model, ctx.eval_ids, wl.window):
+            acc.update(logp, targets)
+        quality = acc.result()
+        greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
+        quality.update(greedy_agreement(ctx.reference_greedy, greedy))
+        checks["degenerate"] = {
+            i: why
+            for i, (ours, ref) in enumerate(zip(greedy, ctx.reference_greedy, strict=True))
+            if (why := tasks.degenerate(ctx.tokenizer, ours)) and not tasks.degenerate(ctx.tokenizer, ref)
+        }
+        if quantized:
+            first_window = ctx.eval_ids[: wl.window][None]
+            quality.update(layers.summarize(layers.layer_errors(model, quantized, ctx.path, first_window)))
+        if ctx.prompts.get("addition"):
+            quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
+    score_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sweep = []
+    with track_peak(case.device, gpus) as run_mem:
+        for context in wl.contexts:
+            for batch in wl.batches:
+                progress(case.id, f"timing {wl.repeat}× (batch {batch}, {context} prompt + {wl.new_tokens} new tokens)")
+                ids = ctx.speed_ids[:, :context].expand(batch, -1).contiguous().to(case.device)
+                sweep.append(measure_speed(model, ids, wl.new_tokens, wl.repeat, wl.warmup))
+    speed_s = time.perf_counter() - t0
+    perf = {**sweep[0], **({"sweep": sweep} if len(sweep) > 1 else {})}
+    emb = model.get_input_embeddings().weight
+    perf["bandwidth"] = decode_bandwidth(
+        footprint["weights_bytes"],
+        emb.numel() * emb.element_size(),
+        perf["decode_tok_s"]["mean"],
+        perf["batch"],
+        case.device,
+        torch.cuda.get_device_name(case.device) if case.device.startswith("cuda") else "cpu",
+    )
+    del model, head, emb
+    release_memory()
+    placement = None
+    if plan is not None:
+        placement = {
+            "source": plan["source"],
+            "devices": {d: {k: r[k] for k in ("layers", "weights_bytes", "fits")} for d, r in plan["devices"].items()},
+            "device_map": {k: str(v) for k, v in plan["device_map"].items()},
+            "loaded": loaded_map,
+            "memory_note": (
+                f"peak_*_bytes are {case.device}'s; each GPU's are in memory.per_device_peak_*_bytes (CPU-offloaded "
+                "modules are not counted)"
+            ),
+        }
+    return {
+        "estimate": est,
+        "placement": placement,
+        "footprint": footprint,
+        "checks": checks,
+        "quality": quality,
+        "greedy": greedy,
+        "greedy_margins": margins,
+        "perf": perf,
+        "memory": {
+            "peak_load_bytes": load_mem.peak_bytes,
+            "peak_run_bytes": run_mem.peak_bytes,
+            "peak_score_bytes": score_mem.peak_bytes,
+            "load_delta_bytes": load_mem.delta_bytes,
+            "run_delta_bytes": run_mem.delta_bytes,
+            "reserved_peak_bytes": run_mem.reserved_bytes,
+            "nvml_peak_load_bytes": load_mem.nvml_bytes,
+            "nvml_peak_run_bytes": run_mem.nvml_bytes,
+            "nvml_note": run_mem.nvml_note,
+            "source": load_mem.source,
+            "per_device_peak_load_bytes": load_mem.per_device_bytes,
+            "per_device_peak_run_bytes": run_mem.per_device_bytes,
+        },
+        "timings_s": {"load": load_s, "score": score_s, "speed": speed_s},
+    }

@@ -1,0 +1,62 @@
+"""Scoring each model's full-precision reference once (or reading a stored or resumed one) for its cases to
+be measured against.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qbench import methods
+from qbench.case import device_class
+from qbench.errors import UsageError
+from qbench.judge import reference as stored_reference
+from qbench.quality import tasks
+from qbench.quality.drift import build_reference, iter_logprobs
+from qbench.run.context import ModelContext, Progress
+from qbench.run.devices import device_plan, load_model, release_memory
+
+if TYPE_CHECKING:
+    from qbench.run.config import RunConfig
+
+
+def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
+    if cfg.reference_source == "stored":
+        progress(f"{ctx.name} reference", f"reading {cfg.reference_dir(ctx)}")
+        ctx.reference, ctx.reference_greedy = stored_reference.load(cfg.reference_dir(ctx), ctx.fingerprints)
+        return
+    cached = cfg.reference_cache / ctx.name / device_class(cfg.device) if cfg.reference_cache else None
+    if cached is not None and cfg.reuse_reference and cached.is_dir():
+        try:
+            ctx.reference, ctx.reference_greedy = stored_reference.load(cached, ctx.fingerprints)
+            progress(f"{ctx.name} reference", f"reusing the one the interrupted run saved in {cached}")
+            if cfg.update_baselines:
+                stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+            return
+        except UsageError as e:  # made for other settings: score it again
+            progress(f"{ctx.name} reference", f"not reusing {cached}: {e}")
+    _score_reference(ctx, cfg, progress)
+    if cached is not None:
+        stored_reference.save(cached, ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+
+
+def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
+    method = methods.get(cfg.reference)
+    from qbench.models.loading import chatglm_bits
+
+    if bits := chatglm_bits(ctx.reference_path):
+        progress(
+            f"{ctx.name} reference",
+            f"note: the checkpoint is ChatGLM's {bits}-bit quantization, so the reference is its dequantized "
+            "weights and drift shows the compute path only; pass --reference-model FULL_PRECISION_DIR to see the "
+            "quantization's own drift",
+        )
+    progress(f"{ctx.name} reference", f"loading {cfg.reference}")
+    plan = device_plan(ctx.reference_path, cfg.reference, cfg, method.default_compute_dtype) if cfg.device_map else None
+    model = load_model(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)
+    progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
+    ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
+    ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
+    del model
+    release_memory()
+    if cfg.update_baselines:
+        stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)

@@ -95,6 +95,11 @@ def gpu_bench(session: nox.Session) -> None:
         return
     out = os.environ.get("QBENCH_OUT", "qbench-results")
     os.makedirs(out, exist_ok=True)
+    # Each session is one run: a results file only ever grows by case id, and one left by a run with other settings
+    # would be refused, so start from none (its lock file too, should a killed run have left one).
+    for stale in ("results.json", "results.json.lock"):
+        if os.path.exists(f"{out}/{stale}"):
+            os.remove(f"{out}/{stale}")
     args = list(session.posargs) or [
         "--method",
         "bf16",

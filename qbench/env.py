@@ -11,7 +11,12 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "tokenizers", "qbench")
+# The optional quantization libraries (None where not installed) too: an upgrade of one is what a failing case of
+# its methods is pointed at.
+LIBRARIES = (
+    *("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "tokenizers", "qbench"),
+    *("torchao", "optimum-quanto"),
+)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -57,14 +62,102 @@ def device_info(device: str) -> dict:
         return info
     import psutil
 
+    kernels = cpu_kernels()
     return {
         "type": "cpu",
-        "name": platform.processor() or platform.machine(),
-        "capability": None,
+        "name": kernels["cpu_model"],
+        # The CPU's counterpart of a GPU's compute capability: the kernel set torch and oneDNN run here.
+        "capability": kernels["kernel_set"],
+        "kernels": kernels,
         "driver": None,
         "memory_bytes": psutil.virtual_memory().total,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+# Variables that choose the CPU kernels; each must be set before torch is imported (it reads them once).
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# oneDNN's ISA ladder (its ONEDNN_MAX_CPU_ISA names, lowest first; the AVX10 names are aliases of the rung they
+# share). bf16 matmuls change results between rungs: AMX tiles, avx512_bf16 dot products and the AVX2/AVX-512
+# fp32 emulation accumulate in different orders.
+ONEDNN_ISAS = (
+    "sse41",
+    "avx",
+    "avx2",
+    "avx2_vnni",
+    "avx512_core",
+    "avx512_core_vnni",
+    "avx512_core_bf16",
+    "avx512_core_fp16",
+    "avx512_core_amx",
+    "avx512_core_amx_fp16",
+)
+_ISA_ALIASES = {"avx10_1_512": "avx512_core_fp16", "avx10_1_512_amx": "avx512_core_amx"}
+_ISA_ALIASES["avx10_1_512_amx_fp16"] = "avx512_core_amx_fp16"
+# The CPU flags that decide the rung (Linux /proc/cpuinfo names), and the ARM ones that decide torch's kernels.
+_FLAGS = ("avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
+_FLAGS += ("avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo; (platform's name, no flags) where there is none."""
+    name, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and not name:
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), frozenset(flags)
+
+
+def _onednn_rung(flags: frozenset[str]) -> str:
+    has = flags.__contains__
+    if has("amx_tile") and has("amx_bf16"):
+        return "avx512_core_amx_fp16" if has("amx_fp16") else "avx512_core_amx"
+    if all(map(has, ("avx512f", "avx512bw", "avx512vl", "avx512dq"))):
+        for flag, rung in (("avx512_fp16", "avx512_core_fp16"), ("avx512_bf16", "avx512_core_bf16")):
+            if has(flag):
+                return rung
+        return "avx512_core_vnni" if has("avx512_vnni") else "avx512_core"
+    if has("avx2"):
+        return "avx2_vnni" if has("avx_vnni") else "avx2"
+    return "avx" if has("avx") else "sse41"
+
+
+def cpu_kernels() -> dict:
+    """Which CPU kernels this process runs: torch's ATen capability, oneDNN's ISA rung (the highest the CPU has,
+    capped by ONEDNN_MAX_CPU_ISA), the deciding CPU flags and the variables that forced any of it.
+
+    ``kernel_set`` (``AVX512/avx512_core_amx``) is the short id results and baselines record: two runs with the same
+    one ran the same kernels. oneDNN offers no query for its effective ISA from Python, so the rung is derived as
+    oneDNN derives it (CPUID flags, then the cap); on ARM the rung is not applicable and stays None.
+    """
+    import torch
+
+    name, flags = _cpuinfo()
+    machine = platform.machine().lower()
+    rung = None
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        rung = _onednn_rung(flags)
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+        cap = _ISA_ALIASES.get((cap or "").lower(), (cap or "").lower())
+        if cap in ONEDNN_ISAS and ONEDNN_ISAS.index(cap) < ONEDNN_ISAS.index(rung):
+            rung = cap
+    aten = torch.backends.cpu.get_cpu_capability()
+    return {
+        "cpu_model": name,
+        "machine": machine,
+        "aten_capability": aten,
+        "onednn_isa": rung,
+        "kernel_set": f"{aten}/{rung}" if rung else aten,
+        "cpu_flags": sorted(f for f in _FLAGS if f in flags),
+        "forced_by": {k: os.environ[k] for k in KERNEL_VARIABLES if os.environ.get(k)},
     }
 
 

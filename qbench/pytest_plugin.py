@@ -59,9 +59,46 @@ def pytest_configure(config) -> None:
                 f"-n {len(gpus) or 1} (or -n auto) so each worker has a GPU of its own; a shared GPU spoils "
                 "timings and memory peaks"
             )
+    if not worker:  # the controller checks the options once, before collection
+        _check_options(config)
     from qbench.env import quiet_libraries
 
     quiet_libraries()
+
+
+def _check_options(config) -> None:
+    """Bad ``--qbench-*`` values are a usage error (one line, exit 4), not a traceback per collected module."""
+    import re
+
+    from qbench.errors import UsageError
+
+    try:
+        shard([], config.getoption("--qbench-shard"))
+        if config.getoption("--qbench-method"):
+            from qbench.methods import get
+
+            for name in config.getoption("--qbench-method"):
+                get(name)
+        device = config.getoption("--qbench-device")
+        if device:
+            import torch
+
+            from qbench.run.devices import check_device
+
+            try:
+                kind = torch.device(device).type
+            except RuntimeError:
+                kind = None
+            # Only the spelling here: whether the GPUs are there is the cases' to say (xdist pins workers first).
+            if kind not in ("cpu", "cuda"):
+                check_device(device)
+        from qbench.models import zoo
+
+        for spec in config.getoption("--qbench-model") or []:
+            if spec not in zoo.ZOO:  # a zoo id is known; building it is left to the first case that needs it
+                zoo.resolve(spec)
+    except UsageError as e:  # qbench's words name the CLI's options: name the pytest ones instead
+        raise pytest.UsageError(re.sub(r"--(device|method|model)(?![\w-])", r"--qbench-\1", str(e))) from None
 
 
 def _workers(config) -> int:
@@ -212,8 +249,8 @@ class MatrixResults:
             )
             cfg.validate()
             for case in chosen:
-                store.load(cfg.baselines, case)
-                perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
+                store.load(cfg.baselines, case, force=cfg.force)
+                perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)
             ctx = prepare_model(spec, cfg)
             try:
                 score_reference(ctx, cfg, lambda _case, _stage: None)

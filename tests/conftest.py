@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+import qbench
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,3 +39,43 @@ def _seed_and_free():
         torch.cuda.empty_cache()
     else:  # a full collection costs ~0.3 s once bitsandbytes is imported; RAM is not scarce between tests
         gc.collect(0)
+
+
+QBENCH_DIR = str(Path(qbench.__file__).resolve().parent)
+LIBRARIES_WATCHED = ("transformers", "accelerate")
+
+
+class DeprecatedCallFromQbench(Exception):
+    """qbench's own code called a transformers/accelerate API that is deprecated (it will break on an upgrade)."""
+
+
+def deprecation_origin(frame) -> str | None:
+    """Where in qbench a deprecation warning comes from, when a watched library raised it on qbench's behalf."""
+    lib = frame.f_code.co_filename
+    if not any(f"{os.sep}{name}{os.sep}" in lib for name in LIBRARIES_WATCHED):
+        return None
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(QBENCH_DIR):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deprecations_from_qbench_are_errors():
+    """transformers' (and accelerate's) FutureWarning/DeprecationWarning raised while qbench's code is on the stack
+    fail the test: qbench must not use an API its next upgrade removes. Other libraries' and tests' own
+    deprecations go through pytest's usual warning handling (pyproject filterwarnings)."""
+    real_warn = warnings.warn
+
+    def strict_warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        cat = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(cat, (DeprecationWarning, FutureWarning)):
+            where = deprecation_origin(sys._getframe(1))
+            if where:
+                raise DeprecatedCallFromQbench(f"{cat.__name__} from a call in {where}: {message}")
+        return real_warn(message, category, stacklevel + 1, source, **kwargs)
+
+    warnings.warn = strict_warn
+    yield
+    warnings.warn = real_warn

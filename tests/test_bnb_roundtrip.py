@@ -65,9 +65,40 @@ def _supported(call, what: str):
 def _roundtrip_4bit(a: torch.Tensor, blocksize: int, quant_type: str):
     def run():
         packed, state = bnb_f.quantize_4bit(a, blocksize=blocksize, quant_type=quant_type)
-        return bnb_f.dequantize_4bit(packed, state), state
+        out = bnb_f.dequantize_4bit(packed, state)
+        state.row_spanning_defect = _row_spanning_defect(packed, state, out)
+        return out, state
 
     return _supported(run, f"{quant_type} blocksize {blocksize} {a.dtype}")
+
+
+def _row_spanning_defect(packed: torch.Tensor, state, out: torch.Tensor) -> str | None:
+    """Evidence that bitsandbytes' dequantize got a tensor wrong whose blocks span rows (blocksize > last dim).
+
+    bitsandbytes 0.50.2's native CPU dequantize_4bit kernel mis-indexes such blocks; its Python guard sends
+    blocksize >= 2048 to a pure-torch path only when torch reports AVX512 (backends/cpu/ops.py), so the same CPU
+    under ATEN_CPU_CAPABILITY=avx2 gets the native kernel's wrong values (MAE 0.121 vs 0.0925 for nf4 at 4096,
+    1024-wide rows), and so do narrower shapes at any blocksize. The check: the same packed bytes dequantized as
+    one flat row (where no block spans rows) must give the same values. A library behaviour, reported, not a
+    tolerance to loosen."""
+    if out.dim() < 2 or state.blocksize <= out.shape[-1]:
+        return None
+    import copy
+
+    flat_state = copy.copy(state)
+    flat_state.shape = torch.Size([out.numel()])
+    with _eager_bnb():
+        flat = bnb_f.dequantize_4bit(packed, flat_state).reshape(out.shape)
+    differ = (flat != out).float().mean().item()
+    if differ == 0:
+        return None
+    mae = (out.float() - flat.float()).abs().mean().item()
+    return (
+        f"bitsandbytes {bnb.__version__} dequantize_4bit, {state.quant_type} blocksize {state.blocksize} over "
+        f"{tuple(out.shape)} (blocks span rows): {differ:.1%} of elements differ from the same bytes dequantized as "
+        f"one row (mean |diff| {mae:.3g}); torch CPU capability {torch.backends.cpu.get_cpu_capability()}, which "
+        "decides whether bitsandbytes takes its native kernel (wrong here) or its torch fallback"
+    )
 
 
 def _roundtrip_8bit(a: torch.Tensor, blocksize: int):
@@ -104,10 +135,13 @@ _SIZES = {torch.float32: BLOCKSIZES, torch.float16: (64, 4096), torch.bfloat16: 
 @pytest.mark.parametrize("dtype", S.FLOAT_DTYPES, ids=str)
 def test_4bit_mean_error_matches_bitsandbytes_table(quant_type, dtype):
     a = _randn(1024, 1024, dtype=dtype)
-    failures = []
+    failures, defects = [], []
     for blocksize in _SIZES[dtype]:
-        out, _ = _roundtrip_4bit(a, blocksize, quant_type)
+        out, state = _roundtrip_4bit(a, blocksize, quant_type)
         assert out.shape == a.shape and out.dtype == dtype
+        if state.row_spanning_defect:
+            defects.append(state.row_spanning_defect)
+            continue
         err = (out.float() - a.float()).abs().mean().item()
         rounding = _unit_roundoff(dtype) * out.float().abs().mean().item()  # see _unit_roundoff
         if quant_type == "nf4":
@@ -120,6 +154,8 @@ def test_4bit_mean_error_matches_bitsandbytes_table(quant_type, dtype):
         if not lower - K_SIGMA * SIGMA - rounding <= err <= upper + K_SIGMA * SIGMA + rounding:
             failures.append((blocksize, err, (lower, upper)))
     assert not failures, f"(blocksize, mean abs error, table range) outside mean +- 7 sigma: {failures}"
+    if defects:
+        pytest.xfail("; ".join(defects))
 
 
 @pytest.mark.parametrize("dtype", S.FLOAT_DTYPES, ids=str)
@@ -236,6 +272,8 @@ def _nf4_reference(a: torch.Tensor, blocksize: int):
 def test_nf4_matches_an_independent_reference(dtype, blocksize):
     a = _randn(256, 1024, dtype=dtype)
     out, state = _roundtrip_4bit(a, blocksize, "nf4")
+    if state.row_spanning_defect:
+        pytest.xfail(state.row_spanning_defect)
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=a.device)
     assert torch.equal(state.code.float().to(a.device), code)
     assert torch.equal(state.absmax.float(), a.float().reshape(-1, blocksize).abs().amax(dim=1))

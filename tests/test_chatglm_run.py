@@ -10,6 +10,7 @@ import torch
 
 from qbench.cli import EXIT_USAGE, main
 from qbench.judge import store
+from qbench.judge.tolerances import REGRESSION_TOLERANCES
 from qbench.methods.chatglm import quantize_model
 from qbench.models import chatglm_checkpoint, zoo
 from qbench.models.convert import export_chatglm
@@ -43,9 +44,14 @@ def test_run_on_a_full_precision_chatglm_checkpoint(exported, tmp_path):
     args = ["run", "--model", str(exported[None]), "--method", "bf16", "--method", "chatglm-int8", *FAST]
     main([*args, "--json", str(out), "--baselines", str(tmp_path / "b")])
     cases = {c["method"]: c for c in load_results(out)["cases"]}
-    # Same weights and tokenizer as glm-tiny: the bf16 perplexity is glm-tiny's stored one, to the digit.
+    # Same weights and tokenizer as glm-tiny: the bf16 perplexity is glm-tiny's stored one, within the drift gate's
+    # own cross-kernel bound. Not tighter: the baseline may come from another CPU, whose kernels move ppl by up to
+    # 2.2e-4 (qbench/judge/tolerances.py); a row mix-up in the reader moves it far more (test_convert, planted swap).
     stored = json.loads((store.default_root() / "glm-tiny" / "bf16" / "cpu" / "baseline.json").read_text())
-    assert cases["bf16"]["quality"]["ppl"] == pytest.approx(stored["quality"]["ppl"], rel=1e-6)
+    (ppl_tol,) = [t for t in REGRESSION_TOLERANCES if t.metric == "ppl"]
+    assert abs(cases["bf16"]["quality"]["ppl"] - stored["quality"]["ppl"]) <= ppl_tol.allowed(
+        stored["quality"]["ppl"], same_kernels=False
+    )
     int8 = cases["chatglm-int8"]
     assert int8["status"] == "pass", int8["reasons"]
     assert int8["footprint"]["quantized_modules"] == 24 and not int8["checks"]["left_unquantized"]

@@ -24,11 +24,36 @@ ZOO_MODELS = ("glm-tiny", "glm4-tiny", "glm4-moe-tiny")
 @pytest.mark.parametrize("method", methods.names())
 @pytest.mark.parametrize("spec", ZOO_MODELS)
 def test_weight_bytes_equal_the_loaded_models_footprint(spec, method):
+    """Every registered method, torchao's and optimum-quanto's tensor subclasses included (their packed data,
+    scales, zero points and shifts, and quanto's per-module activation-scale buffers)."""
     path = zoo.resolve(spec)
     m = methods.get(method)
+    if (why := m.unavailable("cpu")) is not None:
+        pytest.skip(f"{method}: {why}")
     model = m.load(methods.LoadRequest(path, "cpu", m.default_compute_dtype))
     predicted = est.weight_table(est.load_config(path), est.weight_format(method)).total
     assert predicted == weights_bytes(model)  # exact: no tolerance
+
+
+@pytest.mark.parametrize(("method", "dtype"), [("quanto-int4", "fp16"), ("torchao-int4wo", "fp32")])
+def test_weight_bytes_in_another_compute_dtype(method, dtype):
+    """quanto's int4 leaves tinygemm for its own packed layout outside bf16; torchao's scales follow the dtype."""
+    m = methods.get(method)
+    if (why := m.unavailable("cpu")) is not None:
+        pytest.skip(f"{method}: {why}")
+    path = zoo.resolve("glm-tiny")
+    model = m.load(methods.LoadRequest(path, "cpu", dtype))
+    assert est.weight_table(est.load_config(path), est.weight_format(method, dtype)).total == weights_bytes(model)
+
+
+def test_torchao_int4_on_cuda_is_sized_in_the_padded_tinygemm_layout():
+    if (why := methods.get("torchao-int4wo").unavailable("cpu")) is not None:
+        pytest.skip(why)
+    cpu, cuda = est.weight_format("torchao-int4wo"), est.weight_format("torchao-int4wo", device="cuda")
+    assert (cpu.scheme, cuda.scheme, cuda.group_size) == ("torchao-int4", "torchao-int4-tinygemm", 64)
+    # Int4TilePackedTo4dTensor pads in_features to a multiple of 1024 and out_features to one of 8.
+    assert est.quantized_linear_bytes(cuda, 4096, 4096) == est.quantized_linear_bytes(cpu, 4096, 4096)
+    assert est.quantized_linear_bytes(cuda, 100, 1536) == (104 * 2048 // 2, 2048 // 64 * 104 * 2 * 2)
 
 
 def test_estimate_fields_and_how_the_peak_adds_up():

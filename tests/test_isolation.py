@@ -46,6 +46,8 @@ def test_every_fault_is_one_error_and_the_run_goes_on(faults, tmp_path, capsys):
         assert c["status"] == "error", c
         assert text in " ".join(c["reasons"]), (method, c["reasons"])
         assert c["log_tail"], method
+    # The allocation failure names the limit it hit and the fix, not just the allocator's words (issue 11).
+    assert "out of memory under the --case-memory-limit of 3 GiB" in cases["fault-oom"]["reasons"][0]
     assert cases["fault-abort"]["memory"]["process_peak_rss_bytes"] > 100 * 2**20
     assert cases["bnb-nf4"]["status"] == "pass", cases["bnb-nf4"]["reasons"]
 
@@ -104,7 +106,7 @@ def test_a_stopped_runner_leaves_no_case_process_and_a_whole_results_file(faults
                         cmd = (proc / "cmdline").read_bytes()
                     except OSError:
                         continue
-                    if b"qbench.run.isolate" in cmd and b"fault-hang" in cmd:
+                    if b"qbench.run.case_process" in cmd and b"fault-hang" in cmd:
                         child = int(proc.name)
         assert child is not None, f"the hanging case never started: {runner.stderr.read() if runner.poll() else ''}"
         runner.send_signal(getattr(signal, how))
@@ -124,3 +126,11 @@ def test_a_stopped_runner_leaves_no_case_process_and_a_whole_results_file(faults
     finally:
         if runner.poll() is None:
             runner.kill()
+
+
+def test_threads_reach_the_case_process(tmp_path):
+    """--threads is applied where the case is timed: the case process (torch's default here is one per core)."""
+    out = tmp_path / "results.json"
+    assert main(["run", "--json", str(out), "--method", "bf16", "--threads", "1", *FAST]) in (0, 1)
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["perf"]["threads"] == {"requested": 1, "in_effect": 1, "process": "case process"}

@@ -19,6 +19,10 @@ from qbench.judge.verdict import FAILING
 from qbench.methods import LoadRequest, registry
 from qbench.methods.bnb import NF4
 from qbench.methods.chatglm import ChatGLMInt4
+from qbench.methods.quanto import Int4 as QuantoInt4
+from qbench.methods.quanto import Int8 as QuantoInt8
+from qbench.methods.torchao import Int4WeightOnly as TorchAoInt4
+from qbench.methods.torchao import Int8WeightOnly as TorchAoInt8
 from qbench.run.engine import RunConfig, judge_case, measure_case, prepare_model, run_cases, score_reference
 from qbench.run.workload import Workload
 
@@ -87,6 +91,55 @@ class SamplingOn(NF4):
         return model
 
 
+class TorchAoLmHeadQuantized(TorchAoInt8):
+    """lm_head quantized too: what ``torchao.quantize_(model, config)`` does when called on the whole model, or a
+    TorchAoConfig whose modules_to_not_convert lost the output embedding. The module stays an nn.Linear."""
+
+    def config(self, device="cpu"):
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(self.quant_type(device), modules_to_not_convert=[])
+
+
+class TorchAoInt4ZeroHalfStep(TorchAoInt4):
+    """Every int4 zero point off by half a quantization step (tinygemm's mid-point zero convention mixed up with
+    the integer one: the classic off-by-8 of asymmetric 4-bit formats)."""
+
+    def load(self, req: LoadRequest):
+        from torchao.utils import TorchAOBaseTensor
+
+        model = super().load(req)
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(w, TorchAOBaseTensor):
+                w.scale_and_zero[..., 1] += 0.5 * w.scale_and_zero[..., 0]
+        return model
+
+
+class QuantoLmHeadQuantized(QuantoInt8):
+    """lm_head replaced by a quanto QLinear (a QuantoConfig whose modules_to_not_convert lost it). With int4 weights
+    it does not even run on the CPU: quanto's tinygemm path hands the non-contiguous last-position slice to
+    aten._weight_int4pack_mm_for_cpu ("expect A to be contiguous"), an error verdict."""
+
+    def config(self):
+        from transformers import QuantoConfig
+
+        return QuantoConfig(weights=self.weights, modules_to_not_convert=[])
+
+
+class QuantoScalesTooLarge(QuantoInt4):
+    """Every int4 group scale 2% too large (tinygemm's packed [groups, out, (scale, shift)])."""
+
+    def load(self, req: LoadRequest):
+        from optimum.quanto import QTensor
+
+        model = super().load(req)
+        for m in model.modules():
+            if isinstance(getattr(m, "weight", None), QTensor):
+                m.weight._scale_shift[..., 0].mul_(1.02)
+        return model
+
+
 PLANTED = {
     "int4-nibbles-swapped": ("chatglm-int4", SwappedNibbles),
     "nf4-scales-2pct-large": ("bnb-nf4", ScalesTooLarge),
@@ -94,6 +147,10 @@ PLANTED = {
     "lm-head-quantized": ("bnb-nf4", LmHeadQuantized),
     "fp16-compute-vs-bf16": ("bnb-nf4", FP16Compute),
     "sampling-switched-on": ("bnb-nf4", SamplingOn),
+    "torchao-lm-head-quantized": ("torchao-int8wo", TorchAoLmHeadQuantized),
+    "torchao-int4-zero-half-step": ("torchao-int4wo", TorchAoInt4ZeroHalfStep),
+    "quanto-lm-head-quantized": ("quanto-int8", QuantoLmHeadQuantized),
+    "quanto-int4-scales-2pct-large": ("quanto-int4", QuantoScalesTooLarge),
 }
 # The quality gates are under test here: one short speed run, too few timed runs for the perf gate to judge
 # (speed settings are outside the quality fingerprint, so the stored baselines still apply).
@@ -109,6 +166,8 @@ BENIGN = [
     ("chatglm-int8", 1),
     ("chatglm-int4", 2),
     ("fp32", 1),
+    ("torchao-int4wo", 2),
+    ("quanto-int4", 2),
 ]
 
 
@@ -142,6 +201,8 @@ def _verdict(ctx, method: str, root) -> dict:
 @pytest.mark.parametrize("planted", list(PLANTED))
 def test_planted_regression_fails(planted, ctx, scratch_baselines, monkeypatch):
     method, cls = PLANTED[planted]
+    if (why := registry.get(method).unavailable("cpu")) is not None:
+        pytest.skip(f"{planted}: {why}")
     monkeypatch.setitem(registry._REGISTRY, method, cls())
     v = _verdict(ctx, method, scratch_baselines)
     assert v["status"] in FAILING, f"{planted} was not caught: {v}"
@@ -151,6 +212,8 @@ def test_planted_regression_fails(planted, ctx, scratch_baselines, monkeypatch):
 @pytest.mark.drift
 @pytest.mark.parametrize(("method", "threads"), BENIGN, ids=[f"{m}-t{t}" for m, t in BENIGN])
 def test_benign_rerun_passes(method, threads, ctx, scratch_baselines):
+    if (why := registry.get(method).unavailable("cpu")) is not None:
+        pytest.skip(f"{method}: {why}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

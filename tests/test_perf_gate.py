@@ -56,3 +56,50 @@ def test_single_cold_runs_neither_make_nor_meet_a_perf_baseline():
     assert perf.timed_enough(Workload())  # the default: 5 timed runs after a warm-up
     assert not perf.timed_enough(Workload(repeat=1))
     assert not perf.timed_enough(Workload(warmup=0))
+
+
+def _with_gap(gap_ms: float, decode: float = 300.0) -> dict:
+    return {**_perf(decode), "path": "generate", "framework_ms_per_token": {"mean": gap_ms, "std": 0.05, "n": 5}}
+
+
+def test_framework_cost_growth_fails_even_when_decode_speed_holds(tmp_path):
+    perf.write(tmp_path, _with_gap(0.4), {}, "cpu")
+    stored = perf.load(tmp_path, "cpu")
+    assert perf.gate(_with_gap(0.9, decode=280.0), {}, "cpu", stored, "m") == ([], None)  # within noise
+    reasons, _ = perf.gate(_with_gap(2.5, decode=200.0), {}, "cpu", stored, "bf16 on glm-tiny")
+    assert len(reasons) == 1 and reasons[0].startswith("generate's own cost per token 2.5 ms vs baseline 0.4 ms")
+
+
+def test_a_baseline_timed_on_the_other_path_is_not_compared(stored):
+    # `stored` predates generate timing (no "path"): comparing generate's tok/s with the bare loop's would be wrong.
+    reasons, note = perf.gate(_with_gap(0.4, decode=100.0), {}, "cpu", stored, "m")
+    assert reasons == [] and "model only path" in note and "qbench baseline update" in note
+
+
+@pytest.mark.slow
+def test_planted_sleep_in_a_logits_processor_is_a_regression(tmp_path, monkeypatch):
+    """The case the switch to generate exists for: generate got slower around an unchanged model. A 2 ms sleep per
+    step inside a logits processor must turn the case into `regression` (decode tok/s alone drops by less than the
+    50% TOK_S_DROP on glm-tiny, so only the framework-cost gate can see it)."""
+    import functools
+    import time
+
+    from qbench.measure import timing
+    from qbench.run import RunConfig, measuring, run_cases
+    from qbench.run.workload import Workload
+
+    cfg = RunConfig(methods=["bf16"], workload=Workload(repeat=3), baselines=tmp_path, update_baselines=True)
+    assert run_cases(cfg)["cases"][0]["status"] == "pass"
+
+    class Sleeps:
+        def __call__(self, input_ids, scores):
+            time.sleep(0.002)
+            return scores
+
+    planted = functools.partial(timing.measure_speed, logits_processors=(Sleeps(),))
+    monkeypatch.setattr(measuring, "measure_speed", planted)
+    cfg.update_baselines = False
+    (case,) = run_cases(cfg)["cases"]
+    assert case["status"] == "regression", case["reasons"]
+    assert any(r.startswith("generate's own cost per token") for r in case["reasons"]), case["reasons"]
+    assert case["perf"]["framework_ms_per_token"]["mean"] > 2.0

@@ -63,7 +63,7 @@ def test_workers_run_only_the_cases_they_are_sent(pytester, monkeypatch):
     pytester.makeconftest(
         """
 import json, os
-import qbench.run.engine as runner
+import qbench.run as runner  # the names the pytest plugin calls
 
 def _logged(fn, kind):
     def wrapper(*args, **kwargs):

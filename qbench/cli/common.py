@@ -36,6 +36,19 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number above 0 (seconds, GiB): 0, a negative, nan or inf is a usage error."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
+    return value
+
+
 def positive_list(text: str) -> tuple[int, ...]:
     return tuple(positive(part) for part in text.split(","))
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from qbench.cli.common import EXIT_FAILED, EXIT_OK, Parser, fmt, positive, positive_list
+from qbench.cli.common import EXIT_FAILED, EXIT_OK, Parser, fmt, positive, positive_float, positive_list
 from qbench.errors import UsageError
 
 
@@ -29,6 +29,9 @@ def add_parsers(sub) -> None:
     upd = bsub.add_parser("update", help="run the selected cases and rewrite their baselines, printing what changed")
     add_selection(upd)
     upd.add_argument("--json", type=Path, metavar="PATH", help="also write the results JSON here")
+    upd.add_argument(
+        "--force", action="store_true", help="replace a damaged baseline (kept beside it as baseline.json.corrupt)"
+    )
     upd.set_defaults(handler=lambda args, console, err: execute(args, update=True, console=console, err=err))
     noise = bsub.add_parser(
         "noise",
@@ -41,16 +44,36 @@ def add_parsers(sub) -> None:
     noise.add_argument(
         "--threads", type=positive_list, default=(1, 2), metavar="N[,N...]", help="thread counts (default 1,2)"
     )
-    noise.add_argument("--repeats", type=positive, default=1, help="runs per thread count (default 1)")
+    noise.add_argument(
+        "--kernels",
+        default="native,avx2",
+        metavar="SET[,SET...]",
+        help="CPU kernel sets, each run in a fresh process: native, avx512-bf16, avx512, avx2, default "
+        "(default: native,avx2)",
+    )
+    noise.add_argument("--json", type=Path, metavar="PATH", help="also write every run's numbers and the analysis")
     noise.set_defaults(handler=run_noise)
 
 
 def run_noise(args, console: Console, err: Console) -> int:
+    from qbench.judge.store import atomic_write_json, default_root
     from qbench.run import DRIFT_METHODS, noise
 
-    out = noise.measure(args.method or list(DRIFT_METHODS), list(args.threads), args.repeats, args.model)
-    for line in noise.summary(out):
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    for k in kernels:
+        noise.kernel_env(k)  # an unknown name is bad input before anything runs
+    t0 = time.perf_counter()
+
+    def progress(what: str, stage: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {what}: {stage}", highlight=False)
+
+    methods = args.method or list(DRIFT_METHODS)
+    sweep = noise.measure(methods, kernels, list(args.threads), args.model, progress)
+    result = noise.analyse(sweep, default_root())
+    for line in noise.summary(result):
         console.print(line, markup=False, highlight=False)
+    if args.json:
+        atomic_write_json(args.json, {"schema": "qbench.noise/1", "sweep": sweep, "analysis": result})
     return EXIT_OK
 
 
@@ -135,14 +158,14 @@ def add_selection(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--case-timeout",
-        type=float,
+        type=positive_float,
         default=3600.0,
         metavar="S",
         help="kill an isolated case after S seconds and record an error verdict (default 3600)",
     )
     r.add_argument(
         "--case-memory-limit",
-        type=float,
+        type=positive_float,
         metavar="GiB",
         help="address space an isolated case may add after start-up; past it the case errors",
     )
@@ -177,11 +200,13 @@ def run_config(args, update: bool):
         reference=args.reference,
         workload=Workload(**wl_kwargs),
         update_baselines=update,
+        force=getattr(args, "force", False),
         lenient=args.lenient,
         reference_source=args.reference_source,
         isolate=not args.in_process,
         case_timeout_s=args.case_timeout,
         case_memory_limit=int(args.case_memory_limit * 2**30) if args.case_memory_limit else None,
+        threads=args.threads,
         reference_model=args.reference_model,
         device_map=args.device_map,
         max_memory=args.max_memory,
@@ -204,48 +229,55 @@ def execute(args, update: bool, console: Console, err: Console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = run_config(args, update)
-    if getattr(args, "json", None) and args.json.is_dir():
-        raise UsageError(f"--json {args.json}: is a directory; pass a file path such as results.json")
+    path, resume = getattr(args, "json", None), bool(getattr(args, "resume", False))
+    if resume and not path:
+        raise UsageError("--resume needs --json PATH: the results file of the run to resume")
+    if path:
+        from qbench.judge.store import check_writable
+
+        check_writable(path, "--json")
+    cfg.validate()  # bad input is refused before the results file is locked or read
     t0 = time.perf_counter()
 
     def progress(case: str, stage: str) -> None:
         err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {case}: {stage}", highlight=False)
 
-    done = {}
-    if getattr(args, "resume", False):
-        from qbench.report.results import load_results
-
-        if not args.json:
-            raise UsageError("--resume needs --json PATH: the results file of the run to resume")
-        if args.json.is_file():
+    with contextlib.ExitStack() as stack:
+        earlier, done = None, {}
+        if path:
+            from qbench.report.results import extend_results, locked, read_earlier
             from qbench.run import config_doc
 
-            earlier = load_results(args.json)
-            now = json.loads(json.dumps(config_doc(cfg)))  # as the file holds it (tuples become lists)
-            then, skip = earlier["config"], ("models", "methods", "isolate", "workload")
-            changed = [f"--{k.replace('_', '-')}" for k in now if k not in skip and then.get(k) != now[k]]
-            then_wl = then.get("workload", {})
-            changed += [f"workload {k}" for k, v in now["workload"].items() if then_wl.get(k) != v]
-            if changed:
-                raise UsageError(
-                    f"--resume: {args.json} was made with other settings ({', '.join(changed)}), so its cases would "
-                    "not compare with new ones; repeat the earlier command with --resume, or pass a new --json"
-                )
-            done = {c["id"]: c for c in earlier["cases"]}
-    if getattr(args, "json", None):  # keep each reference beside the results, so --resume need not score it again
-        cfg.reference_cache = args.json.with_name(args.json.name + ".references")
-        cfg.reuse_reference = bool(getattr(args, "resume", False))
-    on_case = (lambda doc: write_json(doc, args.json)) if getattr(args, "json", None) else None
-    results = run_cases(cfg, progress, done=done, on_case=on_case)
-    print_report(results, console)
-    if update:
-        for c in results["cases"]:
-            changed = c.get("baseline", {}).get("updated")
-            if changed is not None:
-                what = ", ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in changed.items()) or "no change"
-                console.print(f"updated {c['baseline']['path']}: {what}", markup=False, highlight=False)
-    if getattr(args, "json", None):
-        write_json(results, args.json)
-        err.print(f"results written to {args.json}", highlight=False)
-    err.print(f"wall time {results['wall_s']:.1f}s", highlight=False)
+            stack.enter_context(locked(path))  # one run at a time writes a results file
+            earlier = read_earlier(path, config_doc(cfg), resume)
+            if resume and earlier:  # finished cases are kept, errored ones rerun (run_cases)
+                done = {c["id"]: c for c in earlier["cases"]}
+            # keep each reference beside the results, so --resume need not score it again
+            cfg.reference_cache = path.with_name(path.name + ".references")
+            cfg.reuse_reference = resume
+
+        def on_case(doc: dict) -> None:  # never shrinks the file: earlier cases this run does not select stay
+            write_json(extend_results(earlier, doc, resume)[0], path)
+
+        results = run_cases(cfg, progress, done=done, on_case=on_case if path else None)
+        print_report(results, console)
+        if update:
+            for c in results["cases"]:
+                changed = c.get("baseline", {}).get("updated")
+                if changed is not None:
+                    what = ", ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in changed.items()) or "no change"
+                    console.print(f"updated {c['baseline']['path']}: {what}", markup=False, highlight=False)
+        wall = f"wall time {results['wall_s']:.1f}s"
+        if path:
+            merged, kept = extend_results(earlier, results, resume)
+            write_json(merged, path)
+            note = ""
+            if kept:
+                ids = [c["id"] for c in merged["cases"] if c["id"] not in {r["id"] for r in results["cases"]}]
+                note = f"; kept {kept} earlier case(s) this run did not select ({', '.join(ids[:3])}"
+                note += ", …)" if kept > 3 else ")"
+            err.print(f"results written to {path}{note}", markup=False, highlight=False, soft_wrap=True)
+            if merged["wall_s"] != results["wall_s"]:
+                wall += f" ({merged['wall_s']:.1f}s with the earlier run)"
+        err.print(wall, highlight=False)
     return EXIT_FAILED if any(c["status"] in FAILING for c in results["cases"]) else EXIT_OK

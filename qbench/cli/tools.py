@@ -8,6 +8,7 @@ from rich.console import Console
 
 from qbench.cli.common import EXIT_FAILED, EXIT_OK, Parser, positive
 from qbench.errors import UsageError
+from qbench.judge.store import check_writable
 
 
 def add_parsers(sub) -> None:
@@ -45,7 +46,9 @@ def add_parsers(sub) -> None:
         "--plot", type=Path, metavar="PNG", help="quality vs weight memory (and tok/s vs context if swept)"
     )
     rep.set_defaults(handler=_report)
-    sub.add_parser("methods", help="list the registered quantization methods").set_defaults(handler=_methods)
+    mp = sub.add_parser("methods", help="list the registered quantization methods and whether each runs here")
+    mp.add_argument("--device", default="cpu", help="the device availability is checked for (default cpu)")
+    mp.set_defaults(handler=_methods)
     zoo = sub.add_parser("zoo", help="the built-in tiny models")
     zsub = zoo.add_subparsers(dest="zoo_cmd", required=True, parser_class=Parser)
     zsub.add_parser("list", help="list the zoo")
@@ -74,6 +77,7 @@ def _merge(args, console: Console, err: Console) -> int:
     from qbench.case import FAILING
     from qbench.report.merge import merge_files
 
+    check_writable(args.out, "merge OUT")
     doc = merge_files(args.out, args.inputs)
     console.print(f"wrote {args.out}: {len(doc['cases'])} cases from {len(args.inputs)} files", markup=False)
     return EXIT_FAILED if any(c["status"] in FAILING for c in doc["cases"]) else EXIT_OK
@@ -82,6 +86,10 @@ def _merge(args, console: Console, err: Console) -> int:
 def _compare(args, console: Console, err: Console) -> int:
     from qbench.report.compare import run as run_compare
 
+    if args.markdown:
+        check_writable(args.markdown, "--markdown", makes_parents=False)
+    if args.json:
+        check_writable(args.json, "--json")
     return EXIT_FAILED if run_compare(args.a, args.b, console, args.markdown, args.json) else EXIT_OK
 
 
@@ -89,6 +97,10 @@ def _report(args, console: Console, err: Console) -> int:
     from qbench.report.results import load_results
     from qbench.report.table import markdown, print_report
 
+    if args.markdown:
+        check_writable(args.markdown, "--markdown", makes_parents=False)
+    if args.plot:
+        check_writable(args.plot, "--plot", makes_parents=False)
     results = load_results(args.results)
     print_report(results, console)
     if args.markdown:
@@ -103,9 +115,18 @@ def _report(args, console: Console, err: Console) -> int:
 def _methods(args, console: Console, err: Console) -> int:
     from qbench import methods
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            err.print("note: no CUDA device is visible here: only the libraries are checked", markup=False)
     for name in methods.names():
         m = methods.get(name)
-        console.print(f"{name:12} {m.family:14} {m.description}", markup=False, highlight=False)
+        why = m.unavailable(args.device)
+        state = "available" if why is None else "unavailable"
+        console.print(f"{name:15} {m.family:13} {state:12} {m.description}", markup=False, highlight=False)
+        if why is not None:
+            console.print(f"{'':42} {args.device}: {why}", markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from qbench.errors import UsageError
-from qbench.judge.store import atomic_write_json
+from qbench.judge.store import CORRUPT_SUFFIX, atomic_write_json, quarantine
 
 SCHEMA = "qbench.perf/1"
 
@@ -28,6 +28,11 @@ TOK_S_DROP = {"decode_tok_s": 0.50, "prefill_tok_s": 0.50}
 # shapes; 5% covers a changed workspace heuristic. CPU RSS is a process-wide figure that depends on what ran
 # before in the same process, so it is recorded but not gated.
 PEAK_GROWTH = 0.05
+# generate's own cost per decode step (framework_ms_per_token: generate's step minus the bare model's, measured in
+# alternating runs) may grow by this much over the baseline's before the framework, not the model, is called
+# slower. Provenance: see FRAMEWORK_NOISE below; a logits processor that sleeps 2 ms per step (tests/
+# test_perf_gate.py) must be caught although decode tok/s on glm-tiny then drops less than TOK_S_DROP.
+FRAMEWORK_GROWTH_MS, FRAMEWORK_GROWTH_REL = 1.0, 1.0
 
 
 # A perf baseline, and a run gated against one, needs a warm-up and at least this many timed runs: a single
@@ -40,7 +45,8 @@ def timed_enough(workload) -> bool:
 
 
 def device_slug(device: str) -> str:
-    """The exact device: the GPU's name, or the CPU's model name and core count."""
+    """The exact device: the GPU's name, or the CPU's model name and core count (and its kernel set when a variable
+    forced a lower one)."""
     if device.startswith("cuda"):
         import torch
 
@@ -55,6 +61,11 @@ def device_slug(device: str) -> str:
         except OSError:
             pass
         name = f"{name} {os.cpu_count()}c"
+        from qbench.env import cpu_kernels
+
+        kernels = cpu_kernels()
+        if kernels["forced_by"]:  # the same CPU on a lower kernel set (ATEN_CPU_CAPABILITY=avx2 ...) is another device
+            name += f" {kernels['kernel_set']}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -68,6 +79,8 @@ def record(perf: dict, memory: dict, device: str) -> dict:
         "slug": device_slug(device),
         "settings": settings(perf),
         **{k: perf[k] for k in TOK_S_DROP},
+        "framework_ms_per_token": perf.get("framework_ms_per_token"),
+        "path": perf.get("path", "model only"),
         "peak_run_bytes": memory.get("peak_run_bytes"),
         "memory_source": memory.get("source"),
     }
@@ -77,17 +90,30 @@ def path(case_dir: Path, device: str) -> Path:
     return case_dir / f"perf-{device_slug(device)}.json"
 
 
-def load(case_dir: Path, device: str) -> dict | None:
+def load(case_dir: Path, device: str, force: bool = False) -> dict | None:
+    """The perf baseline for ``device``, or None. A damaged one is a UsageError, unless ``force`` (``qbench
+    baseline update --force``): then it is moved aside to ``perf-<slug>.json.corrupt`` and None is returned."""
     p = path(case_dir, device)
     if not p.is_file():
         return None
+    fix = (
+        f"replace it with `qbench baseline update --force` on this case and device "
+        f"(which keeps the bad file as {p.name}{CORRUPT_SUFFIX})"
+    )
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
+        problem = None if isinstance(data, dict) and data.get("schema") == SCHEMA else "schema"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{p}: corrupt perf baseline ({e}); re-create it with `qbench baseline update`") from None
-    if data.get("schema") != SCHEMA:
-        raise UsageError(f"{p}: schema {data.get('schema')!r}, expected {SCHEMA}; re-create it")
-    return data
+        data, problem = None, f"corrupt perf baseline ({e})"
+    if problem is None:
+        return data
+    if force:
+        quarantine(p)
+        return None
+    if problem == "schema":
+        schema = data.get("schema") if isinstance(data, dict) else None
+        problem = f"schema {schema!r}, expected {SCHEMA}"
+    raise UsageError(f"{p}: {problem}; {fix}")
 
 
 def write(case_dir: Path, perf: dict, memory: dict, device: str) -> Path:
@@ -100,6 +126,11 @@ def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> t
     """(reasons, note): regressions beyond the bounds, or a note saying why nothing was compared."""
     if baseline["settings"] != settings(perf):
         return [], f"perf baseline is for {baseline['settings']}, this run used {settings(perf)}: not compared"
+    if baseline.get("path", "model only") != perf.get("path", "model only"):
+        return [], (
+            f"perf baseline timed the {baseline.get('path', 'model only')} path, this run {perf.get('path')}: not "
+            "compared; refresh it with `qbench baseline update`"
+        )
     reasons = []
     for key, drop in TOK_S_DROP.items():
         now, then = perf[key]["mean"], baseline[key]["mean"]
@@ -107,6 +138,8 @@ def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> t
             reasons.append(
                 f"{key} {now:.4g} vs baseline {then:.4g} for {label}: {1 - now / then:.0%} slower > {drop:.0%} allowed"
             )
+    if reason := framework_regression(perf, baseline, label):
+        reasons.append(reason)
     now_b, then_b = memory.get("peak_run_bytes"), baseline.get("peak_run_bytes")
     if device.startswith("cuda") and now_b and then_b and now_b > then_b * (1 + PEAK_GROWTH):
         reasons.append(
@@ -114,3 +147,19 @@ def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> t
             f"for {label}: +{now_b / then_b - 1:.0%} > {PEAK_GROWTH:.0%} allowed"
         )
     return reasons, None
+
+
+def framework_regression(perf: dict, baseline: dict, label: str) -> str | None:
+    """generate's per-step cost beyond the bare model's grew past FRAMEWORK_GROWTH_*: the framework got slower."""
+    now, then = (perf.get("framework_ms_per_token") or {}).get("mean"), (baseline.get("framework_ms_per_token") or {})
+    then = then.get("mean")
+    if now is None or then is None:
+        return None
+    allowed = FRAMEWORK_GROWTH_MS + FRAMEWORK_GROWTH_REL * max(then, 0.0)
+    if now - then <= allowed:
+        return None
+    return (
+        f"generate's own cost per token {now:.3g} ms vs baseline {then:.3g} ms for {label}: +{now - then:.3g} ms > "
+        f"{allowed:.3g} allowed (generate's per-step work around the model got slower: logits processors, stopping "
+        "criteria, cache handling)"
+    )

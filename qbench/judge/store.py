@@ -52,28 +52,100 @@ def atomic_write_json(path: Path, data: dict) -> None:
         raise
 
 
-def load(root: Path, case: Case) -> dict | None:
-    """The stored baseline of ``case``, or None when there is none. A damaged one is a UsageError."""
+def check_writable(path: Path, flag: str, *, directory: bool = False, makes_parents: bool = True) -> None:
+    """Refuse, before any work, an output path that cannot be written: a UsageError naming ``flag`` and the fix.
+
+    ``path`` is a file to (re)write, or with ``directory`` a directory to write in. With ``makes_parents`` (the
+    writer creates missing directories, as :func:`atomic_write_json` does) the nearest existing ancestor must be a
+    writable directory; without it the file's own directory must exist and be writable.
+    """
+    path = Path(path)
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path}: is a file, not a directory; pass a directory")
+        parent = path
+    else:
+        if path.is_dir():
+            raise UsageError(f"{flag} {path}: is a directory; pass a file path in it, such as {path / 'out.json'}")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: the file is not writable; fix its permissions or pass another path")
+        parent = path.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != parent and not makes_parents and existing.is_dir():
+        raise UsageError(f"{flag} {path}: no directory {parent}; create it first or pass a path in an existing one")
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory; pass a path in a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"{flag} {path}: cannot write in {existing} (permission denied or a read-only file system); "
+            "pass a path in a writable directory"
+        )
+
+
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def update_command(case: Case, force: bool = False) -> str:
+    dtype = "" if case.default_dtype else f" --compute-dtype {case.compute_dtype}"
+    return (
+        f"qbench baseline update{' --force' if force else ''} --model {case.model} --method {case.method}"
+        f"{dtype} --device {case.device}"
+    )
+
+
+def quarantine(path: Path) -> Path:
+    """Move a damaged stored file aside (``baseline.json`` → ``baseline.json.corrupt``, replacing an earlier one)
+    so that an update can write a new one, and the bad one stays for a look."""
+    bad = path.with_name(path.name + CORRUPT_SUFFIX)
+    os.replace(path, bad)
+    return bad
+
+
+def load(root: Path, case: Case, force: bool = False) -> dict | None:
+    """The stored baseline of ``case``, or None when there is none. A damaged one is a UsageError, unless
+    ``force`` (``qbench baseline update --force``): then it is moved aside to ``baseline.json.corrupt`` and the
+    case has no baseline, so the update writes a new one."""
     path = case_dir(root, case) / BASELINE_FILE
     if not path.is_file():
         return None
-    fix = "restore it with `git checkout -- baselines` or re-create it with `qbench baseline update`"
+    try:
+        return _read(path, case)
+    except _Damaged as e:
+        if not force:
+            raise UsageError(str(e)) from None
+        quarantine(path)
+        return None
+
+
+class _Damaged(Exception):
+    """A baseline file that cannot be read as one (what ``--force`` may move aside)."""
+
+
+def _read(path: Path, case: Case) -> dict:
+    fix = (
+        f"restore it with `git checkout -- {path}` or replace it with `{update_command(case, force=True)}` "
+        f"(which keeps the bad file as {path.name}{CORRUPT_SUFFIX})"
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: corrupt baseline ({e}); {fix}") from None
+        raise _Damaged(f"{path}: corrupt baseline ({e}); {fix}") from None
     schema = data.get("schema") if isinstance(data, dict) else None
     if not isinstance(schema, str) or not schema.startswith("qbench.baseline/"):
-        raise UsageError(f"{path}: not a qbench baseline (schema {schema!r}); {fix}")
+        raise _Damaged(f"{path}: not a qbench baseline (schema {schema!r}); {fix}")
     try:
         version = int(schema.rsplit("/", 1)[1])
     except ValueError:
-        raise UsageError(f"{path}: unreadable schema {schema!r}; {fix}") from None
-    if version > SCHEMA_VERSION:
+        raise _Damaged(f"{path}: unreadable schema {schema!r}; {fix}") from None
+    if version > SCHEMA_VERSION:  # intact, just newer: never moved aside
         raise UsageError(f"{path}: written by a newer qbench (schema {schema}); upgrade qbench to compare with it")
+    if version != SCHEMA_VERSION:  # 0, negative, or a version qbench never wrote
+        raise _Damaged(f"{path}: unsupported baseline schema {schema!r} (qbench reads {SCHEMA}); {fix}")
     for key in ("fingerprints", "quality", "greedy"):
         if key not in data:
-            raise UsageError(f"{path}: baseline lacks {key!r}; {fix}")
+            raise _Damaged(f"{path}: baseline lacks {key!r}; {fix}")
     data["_path"] = str(path)
     return data
 

@@ -28,8 +28,16 @@ class Verdict:
 
 def quality_gate(quality: dict, bounds: tuple[Bound, ...], label: str) -> list[str]:
     reasons = []
+    if quality.get("reference_nonfinite_positions"):
+        reasons.append(
+            f"the reference's logits are NaN/inf at {quality['reference_nonfinite_positions']} positions: the "
+            "full-precision model is broken; check the checkpoint"
+        )
     if quality.get("nonfinite_positions"):
-        reasons.append(f"NaN/inf logits at {quality['nonfinite_positions']} positions")
+        reasons.append(
+            f"NaN/inf logits at {quality['nonfinite_positions']} positions for {label}: its KLD and perplexity "
+            "are NaN there"
+        )
     for b in bounds:
         v = b.violation(quality.get(b.metric))
         if v:
@@ -86,18 +94,24 @@ def greedy_changes(greedy: list[list[int]], margins: list[list[float]], baseline
     return out
 
 
-def regression_gate(m: dict, baseline: dict, label: str) -> list[str]:
-    """Changes against the stored baseline of the same case beyond measured noise."""
+def regression_gate(m: dict, baseline: dict, label: str, same_kernels: bool = False) -> list[str]:
+    """Changes against the stored baseline of the same case beyond measured noise: the same-kernel bounds when the
+    run used the baseline's kernel set, else the wider cross-kernel ones (qbench.judge.tolerances)."""
     quality, reasons = m["quality"], []
     stored = baseline["quality"]
     for tol in REGRESSION_TOLERANCES:
         now, then = quality.get(tol.metric), stored.get(tol.metric)
         if now is None or then is None:
             continue
-        if abs(now - then) > tol.allowed(then) or now != now:
+        if now != now:
+            reasons.append(f"{tol.metric} {now:.4g} vs baseline {then:.4g} for {label}: became NaN (worse)")
+        elif abs(now - then) > tol.allowed(then, same_kernels):
+            # Beyond noise either way is flagged (a change is what the gate exists to catch); the words say
+            # whether the move helped or hurt, since "moved" alone hides it.
             reasons.append(
                 f"{tol.metric} {now:.4g} vs baseline {then:.4g} for {label}: "
-                f"moved {abs(now - then):.3g} > {tol.allowed(then):.3g} allowed"
+                f"{tol.direction(now, then)} > {tol.allowed(then, same_kernels):.3g} allowed"
+                + ("" if same_kernels else " across kernel sets")
             )
     # Weight bytes are a pure function of the checkpoint and the method: any change is real.
     now_b, then_b = m["footprint"]["weights_bytes"], baseline.get("footprint", {}).get("weights_bytes")
@@ -107,6 +121,12 @@ def regression_gate(m: dict, baseline: dict, label: str) -> list[str]:
     if changed:
         reasons.append(f"greedy continuation differs from the baseline's for {label}: {'; '.join(changed[:3])}")
     return reasons
+
+
+def libraries_changed(now: dict, then: dict) -> str | None:
+    """``"libraries changed since the baseline: bitsandbytes 0.48.2 → 0.50.2, …"``, or None when none did."""
+    diff = [f"{k} {then.get(k)} → {now.get(k)}" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    return f"libraries changed since the baseline: {', '.join(diff)}" if diff else None
 
 
 def judge(quality_reasons: list[str], regression_reasons: list[str], refused: list[str], lenient: bool) -> Verdict:

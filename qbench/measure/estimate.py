@@ -18,6 +18,14 @@ out for the method analytically. The peak is the sum of
     double quantization (4 B per linear), which ``weights_bytes`` does not count either.
   - LLM.int8 (bitsandbytes): ``n`` int8 + fp32 row scale ``SCB`` (``4 * out``).
   - ChatGLM weight-only: ``n`` (int8) or ``n/2`` (packed int4) bytes + one scale per row in the compute dtype.
+  - torchao (tensor subclasses inside ``nn.Linear``): int8 ``n`` + fp32 scale and int8 zero point per row
+    (``5 * out``); float8 ``n`` + fp32 scale per row; int4 on CPU ``n/2`` + scale and zero per 64-group in the
+    compute dtype (``in/64 * out * 2 * dtype``), a linear whose ``in`` is not a multiple of 64 staying unquantized;
+    int4 on CUDA the same in the tinygemm layout, ``in`` padded to a multiple of 1024 and ``out`` to one of 8.
+  - optimum-quanto (``QLinear``): int8/float8 ``n`` + one scale per row in the compute dtype; int4 with quanto's own
+    group size ``g`` (128, else 96/64/32 dividing ``in``, else one group per row): ``n/2`` + scale and shift per
+    group in bf16 (tinygemm, ``g`` = 128), else ``ceil(groups/2) * g`` + scale and shift per group in the compute
+    dtype. Each ``QLinear`` adds two 0-d fp32 buffers (8 B, counted as side data of its weight).
   - everything else (embeddings, norms, biases, lm_head, MoE router and fused experts) in the compute dtype;
     buffers in their own dtype (RoPE ``inv_freq`` is fp32).
 
@@ -218,6 +226,22 @@ def check_workload(context: int, batch: int, new_tokens: int) -> None:
             raise UsageError(f"{flag} {value}: must be a positive integer, e.g. {flag} {example}")
 
 
+def check_positions(config, model: str, *, context: int | None = None, new_tokens: int = 0, window=None) -> None:
+    """Refuse a workload longer than the model's positions (``max_position_embeddings`` in its config): a
+    ``--window`` (scoring) or ``--context`` + ``--new-tokens`` (the speed test, the estimate) beyond it."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return
+    where = f"{model}'s max_position_embeddings ({limit})"
+    if window is not None and window > limit:
+        raise UsageError(f"--window {window}: longer than {where}; pass --window {limit} or less")
+    if context is not None and context + new_tokens > limit:
+        raise UsageError(
+            f"--context {context} + --new-tokens {new_tokens} = {context + new_tokens} positions, more than {where}; "
+            f"keep their sum within {limit}"
+        )
+
+
 def check_device(device: str) -> str:
     if device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return device
@@ -244,7 +268,9 @@ def estimate(
     if keep_logits not in KEEP_LOGITS:
         raise UsageError(f"--keep-logits {keep_logits}: choose from {', '.join(KEEP_LOGITS)}")
     config = load_config(path_or_config)
-    fmt = weight_format(method, compute_dtype)
+    label = str(path_or_config) if isinstance(path_or_config, (str, Path)) else "the model"
+    check_positions(config, label, context=context, new_tokens=new_tokens)
+    fmt = weight_format(method, compute_dtype, device)
     table = weight_table(config, fmt)
     shape, d = Shape.of(config), fmt.dtype_bytes
     tensors = table.tensors

@@ -2,7 +2,9 @@
 
 ``model.get_memory_footprint()`` counts parameters and buffers only; bitsandbytes keeps its block scales
 (``quant_state.absmax``, the nested double-quant state, the code book) and LLM.int8's row scales (``SCB``)
-as attributes of the parameter, so they are added here.
+as attributes of the parameter, so they are added here. torchao and optimum-quanto replace a weight with a tensor
+subclass that wraps the real storage (packed data, scales, zero points, shifts: ``__tensor_flatten__`` names them);
+its own ``numel() * element_size()`` is the unquantized size, so the wrapped tensors are counted instead.
 
 Code books (``quant_map``, ``nested_quant_map``: 16- or 256-entry lookup tables) are counted once per
 distinct content: whether bitsandbytes hands two layers the same table object or two equal copies depends on
@@ -19,6 +21,7 @@ def _tensor_bytes(t) -> int:
 
 def weights_bytes(model) -> int:
     import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     seen: set = set()
     total = 0
@@ -26,6 +29,10 @@ def weights_bytes(model) -> int:
     def add(t, code_book: bool = False) -> None:
         nonlocal total
         if not torch.is_tensor(t) or t.device.type == "meta":
+            return
+        if is_traceable_wrapper_subclass(t):  # torchao's and quanto's quantized weights: count what they hold
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
             return
         key = (t.dtype, tuple(t.shape), tuple(t.flatten().tolist())) if code_book else id(t)
         if key not in seen:

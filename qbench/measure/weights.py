@@ -22,6 +22,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "models" / "data" / "configs
 BNB_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig does not expose it; bitsandbytes' default on CUDA and CPU
 BNB_NESTED_BLOCKSIZE = 256  # double quantization's blocksize for the absmax (bitsandbytes.functional.quantize_4bit)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+QUANTO_LINEAR_BUFFERS = 2 * 4  # a quanto QLinear's input_scale and output_scale: 0-d fp32 each
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,21 @@ class WeightFormat:
 
     method: str
     compute_dtype: str  # bf16 | fp16 | fp32
-    scheme: str  # none | bnb-4bit | bnb-int8 | chatglm
+    # none | bnb-4bit | bnb-int8 | chatglm | torchao-int8 | torchao-int4 | torchao-int4-tinygemm | torchao-float8 |
+    # quanto-int8 | quanto-int4 | quanto-float8
+    scheme: str
     bits: int = 16
     double_quant: bool = False
+    group_size: int | None = None  # input columns per scale (torchao int4); None: per row, or the library's choice
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.compute_dtype]
 
 
-def weight_format(method: str, compute_dtype: str | None = None) -> WeightFormat:
-    """The layout of ``method``'s weights, read from the method's own settings (its BitsAndBytesConfig, its bits)."""
+def weight_format(method: str, compute_dtype: str | None = None, device: str = "cpu") -> WeightFormat:
+    """The layout of ``method``'s weights on ``device``, read from the method's own settings (its
+    BitsAndBytesConfig, its bits, its group size)."""
     from qbench import methods
 
     m = methods.get(method)
@@ -55,6 +60,13 @@ def weight_format(method: str, compute_dtype: str | None = None) -> WeightFormat
         return WeightFormat(method, dtype, "bnb-int8", 8)
     if m.family == "chatglm":
         return WeightFormat(method, dtype, "chatglm", m.bits)
+    if m.family in ("torchao", "quanto"):
+        if (why := m.unavailable("cpu")) is not None:  # its quantizer decides which linears it takes
+            raise UsageError(f"--method {method}: {why}")
+        scheme = f"{m.family}-{m.weights}"
+        if scheme == "torchao-int4" and device.startswith("cuda"):
+            scheme = "torchao-int4-tinygemm"
+        return WeightFormat(method, dtype, scheme, m.bits, group_size=getattr(m, "group_size", None))
     raise UsageError(
         f"--method {method}: the estimate has no size model for the {m.family} family; "
         "add one to qbench/measure/estimate.py"
@@ -80,6 +92,28 @@ def quantized_linear_bytes(fmt: WeightFormat, out_features: int, in_features: in
         return n, out_features * 4
     if fmt.scheme == "chatglm":
         return (n if fmt.bits == 8 else out_features * (in_features // 2)), out_features * fmt.dtype_bytes
+    if fmt.scheme == "torchao-int8":  # Int8Tensor: int8 data, fp32 scale and int8 zero point per row
+        return n, out_features * (4 + 1)
+    if fmt.scheme == "torchao-float8":  # Float8Tensor: e4m3 data, fp32 scale per row
+        return n, out_features * 4
+    if fmt.scheme == "torchao-int4":  # Int4OpaqueTensor: [out, in/2] uint8, scale+zero [in/group, out, 2]
+        return n // 2, (in_features // fmt.group_size) * out_features * 2 * fmt.dtype_bytes
+    if fmt.scheme == "torchao-int4-tinygemm":  # Int4TilePackedTo4dTensor pads in to 1024s, out to 8s; bf16 only
+        out_p, in_p = -(-out_features // 8) * 8, -(-in_features // 1024) * 1024
+        return out_p * in_p // 2, (in_p // fmt.group_size) * out_p * 2 * 2
+    # optimum-quanto: every QLinear also holds two 0-d fp32 buffers (input_scale, output_scale), counted here as
+    # side data of its weight so that a device-map proxy places them with it.
+    if fmt.scheme in ("quanto-int8", "quanto-float8"):  # WeightQBytesTensor: 8-bit data, scale per row
+        return n, out_features * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
+    if fmt.scheme == "quanto-int4":
+        from qbench.methods.quanto import int4_group_size
+
+        group = int4_group_size(in_features)
+        if group == 128 and fmt.compute_dtype == "bf16":  # tinygemm: [out, in/2] uint8, scale+shift [in/128, out, 2]
+            return n // 2, (in_features // group) * out_features * 2 * 2 + QUANTO_LINEAR_BUFFERS
+        # WeightQBitsTensor: rows of `group` values (or whole rows), two rows per byte row; scale and shift per row
+        rows, cols = (n // group, group) if group else (out_features, in_features)
+        return -(-rows // 2) * cols, 2 * rows * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
     raise ValueError(f"{fmt.scheme} quantizes no linear")
 
 
@@ -165,15 +199,33 @@ def _quantized_linears(model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
             for n, m in model.named_modules()
             if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in TARGETS
         }
-    import bitsandbytes as bnb
     from transformers.quantizers import AutoHfQuantizer
 
     from qbench import methods
 
     original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
-    qcfg = methods.get(fmt.method).config(methods.torch_dtype(fmt.compute_dtype))
-    AutoHfQuantizer.from_config(qcfg, pre_quantized=False).preprocess_model(model, device_map=None)
-    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    method = methods.get(fmt.method)
+    if fmt.scheme.startswith("torchao-"):  # the module stays an nn.Linear: ask the quantizer about each weight
+        device = "cuda" if fmt.scheme.endswith("-tinygemm") else "cpu"
+        quantizer = AutoHfQuantizer.from_config(method.config(device), pre_quantized=False)
+        quantizer.preprocess_model(model, device_map=None)
+        shapes = {n: (m.out_features, m.in_features) for n, m in original.items()}
+        return {
+            n: shape
+            for n, shape in shapes.items()
+            if quantizer.param_needs_quantization(model, f"{n}.weight") and method.quantizes(*shape)
+        }
+    if fmt.scheme.startswith("quanto-"):
+        from optimum.quanto import QModuleMixin
+
+        AutoHfQuantizer.from_config(method.config(), pre_quantized=False).preprocess_model(model, device_map=None)
+        kinds = (QModuleMixin,)
+    else:
+        import bitsandbytes as bnb
+
+        qcfg = method.config(methods.torch_dtype(fmt.compute_dtype))
+        AutoHfQuantizer.from_config(qcfg, pre_quantized=False).preprocess_model(model, device_map=None)
+        kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return {
         n: (original[n].out_features, original[n].in_features)
         for n, m in model.named_modules()
@@ -219,7 +271,10 @@ def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
             side, books = side + books, 0  # the code books go with the first quantized linear
             out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
         elif kind == "param" and t.is_floating_point():
-            out.append(TensorBytes(name, t.numel() * fmt.dtype_bytes, kind, 0, t.numel()))
+            # In the compute dtype, except what the model class keeps in fp32 whatever the dtype (its
+            # _keep_in_fp32_modules_strict: GLM-4.5's router weight), which the meta model already has in fp32.
+            size = max(fmt.dtype_bytes, t.element_size())
+            out.append(TensorBytes(name, t.numel() * size, kind, 0, t.numel()))
         else:
             out.append(TensorBytes(name, t.numel() * t.element_size(), kind, 0, t.numel()))
     return WeightTable(out, quantized)

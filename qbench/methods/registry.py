@@ -46,6 +46,12 @@ class Method:
     def load(self, req: LoadRequest) -> PreTrainedModel:
         raise NotImplementedError
 
+    def unavailable(self, device: str) -> str | None:
+        """Why this method cannot run on ``device`` here (one line: the missing library with its pip extra, or
+        the missing kernel or device capability), or None if it can. A case of an unavailable method is
+        ``skipped`` with this reason; nothing is loaded for it."""
+        return None
+
     def checkpoint_problem(self, path: Path) -> str | None:
         """Why this method cannot load the checkpoint at ``path`` (one line, with the fix), or None if it can.
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -61,24 +62,70 @@ def _glm_tiny() -> Path:
     return GLM_TINY_DIR
 
 
+# Written last into a zoo build: every file's size in bytes. A directory without it, or whose files differ from it
+# (a build killed half-way by an older qbench, a truncated copy), is not used: it is rebuilt.
+BUILD_MARKER = "qbench-build.json"
+
+
+def _built(out: Path) -> bool:
+    try:
+        files = json.loads((out / BUILD_MARKER).read_text(encoding="utf-8"))["files"]
+        return bool(files) and all((out / f).stat().st_size == n for f, n in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def _random_init(name: str, config) -> Path:
-    """Build a random-weight model from ``config`` with seed 0 once, reusing glm-tiny's tokenizer."""
+    """Build a random-weight model from ``config`` with seed 0 once, reusing glm-tiny's tokenizer.
+
+    Several processes may build the same model at once (pytest-xdist workers, parallel CI jobs sharing a cache):
+    each builds in its own temporary directory beside the target and renames it into place, which is atomic; the
+    first rename wins and the others discard theirs. A reader uses a directory only once its marker vouches for
+    every file."""
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = cache_dir() / "zoo" / f"{name}-v1"
-    if (out / "model.safetensors").is_file():
+    if _built(out):
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(GLM_TINY_DIR).save_pretrained(tmp)
-    if out.exists():  # another process built it meanwhile
-        shutil.rmtree(tmp)
-    else:
-        tmp.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(GLM_TINY_DIR).save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / BUILD_MARKER).write_text(json.dumps({"name": name, "files": files}, indent=1), encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is for everyone to read
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when ours was renamed into place
+    if not _built(out):
+        raise UsageError(f"zoo model {name}: {out} is incomplete after building it; remove it and run again")
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    try:
+        os.rename(tmp, out)  # atomic; replaces only a missing or empty directory
+        return
+    except OSError:
+        if _built(out):  # another process built it meanwhile: keep theirs, ours is discarded
+            return
+    # A stale, incomplete directory is in the way: move it aside (atomically) and try once more.
+    stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
+    with contextlib.suppress(OSError):  # gone already: another process moved it
+        os.rename(out, stale)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not _built(out):
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _tiny_dims() -> dict:

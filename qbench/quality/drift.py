@@ -34,6 +34,22 @@ class Reference:
     def positions(self) -> int:
         return self.targets.numel()
 
+    def nonfinite(self) -> torch.Tensor:
+        """[N] bool: positions where the reference's own log-probs are broken (NaN anywhere, +inf, or no finite
+        top-1): a full-precision model that computes NaN/inf there. -inf alone is a token of probability 0."""
+        logp = torch.cat([self.topk_logp, self.rest_logp[:, None], self.target_logp[:, None]], dim=1)
+        return logp.isnan().any(-1) | logp.isposinf().any(-1) | ~torch.isfinite(self.topk_logp[:, 0])
+
+
+class NonFiniteReference(RuntimeError):
+    """The full-precision reference itself computes NaN/inf: nothing can be measured against it."""
+
+    def __init__(self, positions: int, total: int) -> None:
+        super().__init__(
+            f"the reference's logits are NaN/inf at {positions} of {total} positions: the full-precision model is "
+            "broken; check the checkpoint (its weights, or the reference's --compute-dtype overflowing)"
+        )
+
 
 def windows(ids: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Consecutive windows of ``size`` tokens; each scores its positions 1.. against its own prefix."""
@@ -69,9 +85,10 @@ def build_reference(chunks, k: int = TOP_K) -> Reference:
 
 
 def _kl_terms(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """Σ p (log p − log q) per row; terms with p = 0 contribute 0."""
+    """Σ p (log p − log q) per row; terms with p = 0 contribute 0, and a NaN on either side makes the row NaN
+    (``p > 0`` would be false for a NaN p and silently score a broken reference as no drift at all)."""
     p = p_logp.exp()
-    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+    return torch.where(p == 0, torch.zeros_like(p), p * (p_logp - q_logp)).sum(-1)
 
 
 class DriftAccumulator:
@@ -125,7 +142,10 @@ class DriftAccumulator:
             "dp_mean": dp.mean().item(),
             "rms_dp": dp.pow(2).mean().sqrt().item(),
             "same_top1": torch.cat(self.top1).double().mean().item(),
+            # Positions where the quantized model's logits are NaN/inf, and where the reference's are (a stored
+            # reference scored by an older qbench can be broken): either makes the KLD statistics NaN, not 0.
             "nonfinite_positions": self.nonfinite,
+            "reference_nonfinite_positions": int(self.ref.nonfinite().sum()),
         }
         qs = torch.tensor([p / 100 for p in KLD_PERCENTILES], dtype=torch.float64)
         for p, v in zip(KLD_PERCENTILES, torch.quantile(kld, qs).tolist(), strict=True):

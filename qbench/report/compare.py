@@ -36,6 +36,12 @@ def compare_case(a: dict, b: dict, same_device: bool) -> dict:
             f"{which} errored: {(b if b['status'] == ERROR else a)['reasons'][0]}"
         )
         return out
+    unmeasured = [(n, c) for n, c in (("A", a), ("B", b)) if "quality" not in c]
+    if unmeasured:  # refused before it ran (a baseline that does not compare, with --lenient): nothing to compare
+        out["verdict"] = NOT_COMPARED
+        name, c = unmeasured[0]
+        out["notes"].append(f"{name} was not measured ({c['status']}: {(c.get('reasons') or ['no reason'])[0]})")
+        return out
     refused = fingerprint_mismatches(b.get("fingerprints", {}), a.get("fingerprints", {}))
     if refused:
         out["verdict"], out["reasons"] = REFUSED, refused
@@ -52,7 +58,8 @@ def compare_case(a: dict, b: dict, same_device: bool) -> dict:
         "greedy": a["greedy_ids"],
         "greedy_margins": a.get("greedy_margins"),
     }
-    out["reasons"] = regression_gate(m, base, label)
+    # Same device (type, name, capability: on a CPU its kernel set) means same kernels: the tighter bounds apply.
+    out["reasons"] = regression_gate(m, base, label, same_kernels=same_device)
     pa, pb = a.get("perf"), b.get("perf")
     out["metrics"]["decode_tok_s"] = [pa and pa["decode_tok_s"]["mean"], pb and pb["decode_tok_s"]["mean"]]
     if not (pa and pb):
@@ -62,11 +69,7 @@ def compare_case(a: dict, b: dict, same_device: bool) -> dict:
     elif min(pa["decode_tok_s"]["n"], pb["decode_tok_s"]["n"]) < perf_baseline.MIN_REPEAT:
         out["notes"].append(f"speed not compared: {perf_baseline.MIN_REPEAT}+ timed runs are needed in both")
     else:
-        stored = {
-            "settings": perf_baseline.settings(pa),
-            **{k: pa[k] for k in perf_baseline.TOK_S_DROP},
-            "peak_run_bytes": a.get("memory", {}).get("peak_run_bytes"),
-        }
+        stored = perf_baseline.record(pa, a.get("memory", {}), a["device"])  # run A stands in for the baseline
         reasons, note = perf_baseline.gate(pb, b.get("memory", {}), b["device"], stored, label)
         out["reasons"] += reasons
         if note:

@@ -65,10 +65,30 @@ def print_report(results: dict, console: Console) -> None:
     for c in results["cases"]:
         for r in c.get("reasons", []):
             console.print(f"  {c['id']}: {r}", markup=False, highlight=False)
-    if any(c["status"] == "error" for c in results["cases"]):
-        for c in results["cases"]:
-            if c["status"] == "error" and c.get("log_tail"):
-                console.print(f"  {c['id']} log tail:\n    " + "\n    ".join(c["log_tail"]), markup=False)
+    for line in perf_notes(results):
+        console.print(f"  {line}", markup=False, highlight=False)
+    tails = [c["id"] for c in results["cases"] if c["status"] == "error" and c.get("log_tail")]
+    if tails:  # the reason above says what happened; the raw log (a traceback, a crash's output) stays in the file
+        console.print(
+            f"  the last lines of each error case's log are in the results file (cases[].log_tail; write it with "
+            f"--json): {', '.join(tails)}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def perf_notes(results: dict) -> list[str]:
+    """Why speed was not gated, once per distinct reason, with the cases it applies to."""
+    by_note: dict[str, list[str]] = {}
+    for c in results["cases"]:
+        note = (c.get("baseline") or {}).get("perf_note")
+        if note and c["status"] != "error":
+            by_note.setdefault(note, []).append(c["id"])
+    out = []
+    for note, ids in by_note.items():
+        which = "every case" if len(ids) == len(results["cases"]) > 1 else ", ".join(ids)
+        out.append(f"speed: {note} ({which})")
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -94,4 +114,5 @@ def markdown(results: dict) -> str:
             f"| {_tok_s(perf, 'prefill_tok_s')} | {_tok_s(perf, 'decode_tok_s')} | {_mb(peak)} | {c['status']} |"
         )
     reasons = [f"- `{c['id']}`: {r}" for c in results["cases"] for r in c.get("reasons", [])]
+    reasons += [f"- {line}" for line in perf_notes(results)]
     return "\n".join(lines + ([""] + reasons if reasons else [])) + "\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 from qbench.case import Case
 from qbench.judge import reference as stored_reference
 from qbench.judge.store import atomic_write_json
+from qbench.run.outcome import set_memory_limit
 
 
 def main(job_path: str) -> None:
@@ -28,6 +29,10 @@ def main(job_path: str) -> None:
     from qbench.run.workload import Workload
 
     c = job["cfg"]
+    if c.get("threads"):  # --threads: torch's pool is per process, so the runner's setting does not reach here
+        import torch
+
+        torch.set_num_threads(c["threads"])
     wl = {k: tuple(v) if isinstance(v, list) else v for k, v in c["workload"].items()}
     wl = Workload(**{**wl, "eval_text": Path(wl["eval_text"]), "prompts": Path(wl["prompts"])})
     cfg = RunConfig(
@@ -42,6 +47,7 @@ def main(job_path: str) -> None:
         reference_model=c["reference_model"],
         device_map=c["device_map"],
         max_memory=c["max_memory"],
+        threads=c.get("threads"),
     )
     ctx = prepare_model(job["spec"], cfg)
     ctx.reference, ctx.reference_greedy = stored_reference.load(Path(job["reference_dir"]), ctx.fingerprints)
@@ -74,6 +80,7 @@ def _limit_address_space(extra_bytes: int) -> None:
         if line.startswith("VmSize:"):
             now = int(line.split()[1]) * 1024
             resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
+            set_memory_limit(extra_bytes)  # an allocation failure's reason then names the limit and the fix
             return
 
 

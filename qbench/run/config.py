@@ -20,7 +20,11 @@ from qbench.run.workload import Workload
 
 DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
 # The drift gate's matrix (pytest -m drift, `qbench baseline noise`): every built-in method that runs on a CPU.
-DRIFT_METHODS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4")
+# Those of an optional library (torchao, optimum-quanto) are skipped with the reason where it is not installed.
+DRIFT_METHODS = (
+    *("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4"),
+    *("torchao-int8wo", "torchao-int4wo", "torchao-fp8wo", "quanto-int8", "quanto-int4", "quanto-fp8"),
+)
 
 
 @dataclass
@@ -33,10 +37,12 @@ class RunConfig:
     workload: Workload = field(default_factory=Workload)
     baselines: Path = field(default_factory=store.default_root)
     update_baselines: bool = False
+    force: bool = False  # baseline update --force: move a damaged baseline aside (*.corrupt) and write a new one
     lenient: bool = False
     reference_source: str = "compute"  # "compute": load the reference model; "stored": use baselines/
     isolate: bool = False  # each case in its own process (the CLI's default); in-process for library callers
     case_timeout_s: float = 3600.0  # isolated cases only: past this a case is killed and becomes an error
+    threads: int | None = None  # torch CPU threads, applied in every process that measures (None: torch's choice)
     case_memory_limit: int | None = None  # isolated cases only: extra address space a case may map (bytes)
     # Full-precision checkpoint the reference is scored on (default: the model itself); e.g. the model a
     # prequantized ChatGLM checkpoint was made from. Its tokenizer must be the model's.
@@ -55,8 +61,10 @@ class RunConfig:
 
     def validate(self) -> None:
         """Everything that can be checked before any model is loaded, so bad input costs nothing."""
-        for name in [*self.methods, self.reference]:
+        for name in self.methods:
             methods.get(name)
+        if self.reference not in methods.names():
+            raise UsageError(f"--reference {self.reference}: unknown method; choose from {', '.join(methods.names())}")
         if self.compute_dtype is not None:
             methods.torch_dtype(self.compute_dtype)
         if self.reference_source not in ("compute", "stored"):
@@ -66,9 +74,21 @@ class RunConfig:
         check_device(self.device)
         self.workload.text()
         self.workload.prompt_set()
+        from qbench.measure.estimate import check_positions, load_config
+        from qbench.models.loading import check_checkpoint_files
+
+        if self.update_baselines:  # a baseline update writes there after its first case: say so before any work
+            store.check_writable(self.baselines, "--baselines", directory=True)
         ref_path = zoo.resolve(self.reference_model) if self.reference_model else None
+        if ref_path is not None:
+            check_checkpoint_files(ref_path)
+            check_positions(load_config(ref_path), self.reference_model, window=self.workload.window)
         for spec in self.models:
             path = zoo.resolve(spec)
+            check_checkpoint_files(path)
+            wl = self.workload
+            positions = {"context": max(wl.contexts), "new_tokens": wl.new_tokens, "window": wl.window}
+            check_positions(load_config(path), spec, **positions)
             for name in self.methods:
                 if problem := methods.get(name).checkpoint_problem(path):
                     raise UsageError(f"--model {spec} --method {name}: {problem}")
@@ -77,8 +97,9 @@ class RunConfig:
             if problem := methods.get(self.reference).checkpoint_problem(ref_path or path):
                 raise UsageError(f"--reference {self.reference} on {ref_path or spec}: {problem}")
             if self.device_map is not None:
-                for name in self.methods:
-                    check_plan(device_plan(path, name, self), self)
+                for name in self.methods:  # an unavailable method's case is skipped: it needs no plan
+                    if methods.get(name).unavailable(self.device) is None:
+                        check_plan(device_plan(path, name, self), self)
                 ref_dtype = methods.get(self.reference).default_compute_dtype
                 check_plan(device_plan(ref_path or path, self.reference, self, ref_dtype), self)
 
@@ -95,5 +116,6 @@ def config_doc(cfg: RunConfig) -> dict:
         "reference_model": cfg.reference_model,
         "device_map": cfg.device_map,
         "max_memory": cfg.max_memory,
+        "threads": cfg.threads,
         "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
     }

@@ -17,10 +17,11 @@ from qbench.judge import perf as perf_baseline
 from qbench.judge import store
 from qbench.judge.verdict import (
     ERROR,
+    SKIPPED,
 )
 from qbench.run.config import RunConfig, config_doc
 from qbench.run.context import ModelContext, Progress, no_progress, prepare_model
-from qbench.run.judging import judge_case
+from qbench.run.judging import judge_case, refuse_incomparable
 from qbench.run.measuring import measure_case
 from qbench.run.outcome import case_fields, error_result
 from qbench.run.reference import score_reference
@@ -30,6 +31,8 @@ RESULTS_SCHEMA = "qbench.results/1"
 
 def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progress = no_progress) -> dict:
     """One case, measured and judged, as its results-JSON entry; an exception becomes an ``error`` entry."""
+    if (skipped := unavailable_result(case)) is not None:
+        return skipped
     try:
         m = measure_case(case, ctx, cfg, progress)
         status, reasons, info = judge_case(case, ctx, m, cfg)
@@ -48,6 +51,12 @@ def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     }
 
 
+def unavailable_result(case: Case) -> dict | None:
+    """The ``skipped`` entry of a case whose method cannot run on its device here (library or kernel missing)."""
+    why = methods.get(case.method).unavailable(case.device)
+    return None if why is None else {**case_fields(case), "status": SKIPPED, "reasons": [why]}
+
+
 def run_cases(
     cfg: RunConfig,
     progress: Progress = no_progress,
@@ -56,7 +65,9 @@ def run_cases(
 ) -> dict:
     """Run every model × method of ``cfg``; return the results document (schema qbench.results/1).
 
-    ``done`` maps case ids to results of an earlier, interrupted run: those cases are kept, not rerun.
+    ``done`` maps case ids to results of an earlier, interrupted run: those cases are kept, not rerun, except
+    those that ended in ``error``, which run again. A case whose stored baseline's fingerprints do not match is
+    ``error`` (``skipped`` with ``cfg.lenient``) at once, without loading anything for it.
     ``on_case`` sees the document after every case (the CLI writes it to disk there, atomically).
     """
     cfg.validate()
@@ -83,14 +94,25 @@ def run_cases(
             )
             for name in cfg.methods
         ]
+        baselines = {}
         for case in cases:  # a damaged baseline is bad input: say so before any model is loaded
-            store.load(cfg.baselines, case)
-            perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
-        todo = [c for c in cases if c.id not in done]
+            baselines[case.id] = store.load(cfg.baselines, case, force=cfg.force)
+            perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)
+        # An earlier run's finished cases are kept; one that ended in error is run again.
+        kept = {c.id for c in cases if c.id in done and done[c.id].get("status") != ERROR}
+        todo = [c for c in cases if c.id not in kept]
         for case in cases:
-            if case.id in done:
+            if case.id in kept:
                 progress(case.id, f"kept from the earlier run ({done[case.id]['status']})")
                 finish(done[case.id])
+            elif case.id in done:
+                progress(case.id, "rerunning: it ended in error last time")
+        for case in list(todo):  # a baseline that does not compare refuses its case now, before anything loads
+            refused = unavailable_result(case) or refuse_incomparable(case, ctx, cfg, baselines[case.id])
+            if refused is not None:
+                progress(case.id, f"{refused['status']}: {refused['reasons'][0]}")
+                finish(refused)
+                todo.remove(case)
         if not todo:
             continue
         try:

@@ -26,6 +26,9 @@ from qbench.judge.verdict import ERROR
 from qbench.run.outcome import LOG_TAIL_LINES, case_fields
 
 POLL_S = 0.05
+# The case processes' scratch folder in the temporary directory: ``qbench-cases-<runner pid>-XXXXXXXX``. The pid
+# lets a later run remove the folder of a runner that was killed (kill -9, the OOM killer) before cleaning up.
+FOLDER_PREFIX = "qbench-cases-"
 
 
 def _cfg_to_json(cfg) -> dict:
@@ -39,6 +42,7 @@ def _cfg_to_json(cfg) -> dict:
         "reference_model": cfg.reference_model,
         "device_map": cfg.device_map,
         "max_memory": cfg.max_memory,
+        "threads": cfg.threads,
         "workload": wl,
     }
 
@@ -48,7 +52,8 @@ class CaseProcesses:
 
     def __init__(self, ctx, cfg) -> None:
         self.ctx, self.cfg = ctx, cfg
-        self.tmp = Path(tempfile.mkdtemp(prefix="qbench-cases-"))
+        remove_stale_folders()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         stored_reference.save(self.tmp / "reference", ctx.reference, ctx.reference_greedy, ctx.fingerprints)
 
     def close(self) -> None:
@@ -108,6 +113,39 @@ class CaseProcesses:
             "log_tail": tail,
             "memory": {"process_peak_rss_bytes": peak_rss, "source": "VmHWM of the case process, polled every 50 ms"},
         }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_folders(tmpdir: str | None = None) -> list[Path]:
+    """Remove the scratch folders of runners that are gone (``qbench-cases-<pid>-*`` of this user whose pid no
+    longer runs); the folders of live runners, other users' and unnamed older ones are left alone."""
+    import re
+    import shutil
+
+    removed = []
+    root = Path(tmpdir or tempfile.gettempdir())
+    for d in root.glob(f"{FOLDER_PREFIX}*"):
+        m = re.fullmatch(rf"{re.escape(FOLDER_PREFIX)}(\d+)-[^-]+", d.name)
+        try:
+            if not m or not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def _vmhwm(pid: int) -> int:

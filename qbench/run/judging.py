@@ -13,14 +13,18 @@ from qbench.case import Case, device_class
 from qbench.judge import perf as perf_baseline
 from qbench.judge import store
 from qbench.judge.verdict import (
+    DRIFT,
     FAILING,
+    REGRESSION,
     fingerprint_mismatches,
     integrity_gate,
     judge,
+    libraries_changed,
     quality_gate,
     regression_gate,
 )
 from qbench.run.context import ModelContext
+from qbench.run.outcome import case_fields
 
 if TYPE_CHECKING:
     from qbench.run.config import RunConfig
@@ -49,11 +53,34 @@ def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
         },
         "fingerprints": ctx.fingerprints,
         "libraries": qenv.library_versions(),
+        # Which kernels made the numbers (CPU: torch's capability and oneDNN's ISA; CUDA: the device class).
+        "kernels": kernels_of(case.device),
         "quality": {k: m["quality"][k] for k in keep if k in m["quality"]},
         "greedy": m["greedy"],
         "greedy_margins": m["greedy_margins"],
         "footprint": m["footprint"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def refuse_incomparable(case: Case, ctx: ModelContext, cfg: RunConfig, baseline: dict | None) -> dict | None:
+    """The results entry of a case whose stored ``baseline`` was made with other fingerprints (model, tokenizer,
+    workload, reference) than this run's: ``error``, or ``skipped`` with ``--lenient``, with the reasons
+    :func:`judge_case` gives, decided before the case runs so nothing is loaded for it. None: the case may run."""
+    if cfg.update_baselines or baseline is None:
+        return None
+    refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
+    if not refused:
+        return None
+    verdict = judge([], [], refused, cfg.lenient)
+    info = {"path": str(store.case_dir(cfg.baselines, case) / store.BASELINE_FILE), "compared": False}
+    info["kernels"] = kernels_of(case.device)
+    return {
+        **case_fields(case),
+        "status": verdict.status,
+        "reasons": verdict.reasons,
+        "baseline": info,
+        "fingerprints": ctx.fingerprints,
     }
 
 
@@ -64,8 +91,9 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
         m["quality"], method.quality_bounds, label
     )
     record = baseline_record(case, ctx, m)
-    baseline = store.load(cfg.baselines, case)
+    baseline = store.load(cfg.baselines, case, force=cfg.force)
     info = {"path": str(store.case_dir(cfg.baselines, case) / store.BASELINE_FILE), "compared": False}
+    info["kernels"] = record["kernels"]
     if cfg.update_baselines:
         old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline else {}
         store.write(cfg.baselines, case, record)
@@ -84,9 +112,12 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
         )
         return verdict.status, verdict.reasons + [info["note"]], info
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
-    r_reasons = [] if refused else regression_gate(m, baseline, label)
+    same_kernels = (baseline.get("kernels") or {}).get("kernel_set") == record["kernels"]["kernel_set"]
+    r_reasons = [] if refused else regression_gate(m, baseline, label, same_kernels)
     info["compared"] = not refused
-    stored_perf = perf_baseline.load(store.case_dir(cfg.baselines, case), case.device)
+    if note := kernels_note(baseline.get("kernels"), record["kernels"]):
+        info["kernels_note"] = note
+    stored_perf = perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)
     if cfg.device_map:
         info["perf_note"] = f"speed not gated: --device-map {cfg.device_map} spreads the model over devices"
     elif stored_perf is None:
@@ -98,8 +129,40 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
         r_reasons += p_reasons
         info["perf_compared"] = info["perf_note"] is None
     verdict = judge(q_reasons, r_reasons, refused, cfg.lenient)
+    if not refused and verdict.status in (REGRESSION, DRIFT) and baseline.get("libraries"):
+        # Point the failure at the upgrade that may have made it.
+        changed = libraries_changed(record["libraries"], baseline["libraries"])
+        if changed:
+            verdict.reasons.append(changed)
+    if info.get("kernels_note"):
+        verdict.reasons.append(info["kernels_note"])
     if verdict.status in FAILING:
-        info["obtained"] = str(store.write(cfg.baselines, case, record, obtained=True))
+        try:
+            info["obtained"] = str(store.write(cfg.baselines, case, record, obtained=True))
+        except OSError as e:  # a read-only baselines checkout: the verdict stands, the review copy is what is lost
+            info["obtained_note"] = f"obtained.json not written ({e.strerror or e}); the results hold the same numbers"
     else:
         store.discard_obtained(cfg.baselines, case)
     return verdict.status, verdict.reasons, info
+
+
+def kernels_of(device: str) -> dict:
+    """The kernel set a case ran on: the CPU's (qbench.env.cpu_kernels), or the CUDA device class."""
+    if device.startswith("cuda"):
+        return {"kernel_set": device_class(device)}
+    k = qenv.cpu_kernels()
+    return {key: k[key] for key in ("kernel_set", "cpu_model", "aten_capability", "onednn_isa", "forced_by")}
+
+
+def kernels_note(stored: dict | None, now: dict) -> str | None:
+    """A note (not a failure) when the baseline was made on other kernels: its quality bounds are the
+    cross-kernel ones of qbench.judge.tolerances, which were measured to hold there; its speed is not comparable."""
+    if stored is None:
+        return None  # baselines made before qbench recorded kernels: nothing to say which
+    if stored.get("kernel_set") == now["kernel_set"]:
+        return None
+    where = f" on {stored['cpu_model']}" if stored.get("cpu_model") else ""
+    return (
+        f"note: baseline made with kernel set {stored.get('kernel_set')}{where}, this run used {now['kernel_set']}; "
+        "quality is judged with the cross-kernel bounds (qbench/judge/tolerances.py)"
+    )

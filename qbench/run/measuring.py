@@ -64,8 +64,9 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     head = model.get_output_embeddings()
     checks = {
         "left_unquantized": method.left_unquantized(model),
-        "lm_head": type(head).__name__,
-        "lm_head_full_precision": type(head) is torch.nn.Linear and head.weight.is_floating_point(),
+        # torchao keeps the nn.Linear and swaps its weight for a quantized tensor subclass: the weight's type tells.
+        "lm_head": f"{type(head).__name__}, weight {type(head.weight).__name__}",
+        "lm_head_full_precision": type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter,
         "observed_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
         "expected_dtype": str(methods.torch_dtype(case.compute_dtype)).removeprefix("torch."),
     }
@@ -101,6 +102,11 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
                 sweep.append(measure_speed(model, ids, wl.new_tokens, wl.repeat, wl.warmup))
     speed_s = time.perf_counter() - t0
     perf = {**sweep[0], **({"sweep": sweep} if len(sweep) > 1 else {})}
+    perf["threads"] = {  # where the timing ran, with how many torch threads: --threads must reach that process
+        "requested": cfg.threads,
+        "in_effect": torch.get_num_threads(),
+        "process": "case process" if in_case_process() else "runner process",
+    }
     emb = model.get_input_embeddings().weight
     perf["bandwidth"] = decode_bandwidth(
         footprint["weights_bytes"],
@@ -149,3 +155,11 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         },
         "timings_s": {"load": load_s, "score": score_s, "speed": speed_s},
     }
+
+
+def in_case_process() -> bool:
+    """Whether this is an isolated case process (``python -m qbench.run.case_process``)."""
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name == "qbench.run.case_process"

@@ -191,7 +191,7 @@ def plan(
     if not max_memory and device_map is None:
         raise UsageError(f"no memory budget to plan in; pass {_EXAMPLE}")
     config = est.load_config(path_or_config)
-    fmt = est.weight_format(method, compute_dtype)
+    fmt = est.weight_format(method, compute_dtype, "cuda")  # a device map spreads over GPUs: their weight layout
     table = est.weight_table(config, fmt)
     shape, d = est.Shape.of(config), fmt.dtype_bytes
     full = est.estimate(

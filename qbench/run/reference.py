@@ -11,7 +11,7 @@ from qbench.case import device_class
 from qbench.errors import UsageError
 from qbench.judge import reference as stored_reference
 from qbench.quality import tasks
-from qbench.quality.drift import build_reference, iter_logprobs
+from qbench.quality.drift import NonFiniteReference, Reference, build_reference, iter_logprobs
 from qbench.run.context import ModelContext, Progress
 from qbench.run.devices import device_plan, load_model, release_memory
 
@@ -23,6 +23,7 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
     if cfg.reference_source == "stored":
         progress(f"{ctx.name} reference", f"reading {cfg.reference_dir(ctx)}")
         ctx.reference, ctx.reference_greedy = stored_reference.load(cfg.reference_dir(ctx), ctx.fingerprints)
+        check_reference(ctx.reference)
         return
     cached = cfg.reference_cache / ctx.name / device_class(cfg.device) if cfg.reference_cache else None
     if cached is not None and cfg.reuse_reference and cached.is_dir():
@@ -37,6 +38,14 @@ def score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> No
     _score_reference(ctx, cfg, progress)
     if cached is not None:
         stored_reference.save(cached, ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+
+
+def check_reference(ref: Reference) -> None:
+    """A reference that is NaN/inf anywhere makes every case of the model an error that says so: with p NaN,
+    drift against it reads as no drift at all."""
+    bad = int(ref.nonfinite().sum())
+    if bad:
+        raise NonFiniteReference(bad, ref.positions)
 
 
 def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
@@ -55,6 +64,7 @@ def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> N
     model = load_model(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)
     progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
     ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
+    check_reference(ctx.reference)  # before anything is measured against it, or saved
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
     del model
     release_memory()

@@ -1,0 +1,183 @@
+"""torchao weight-only methods through transformers' ``TorchAoConfig`` (``pip install 'qbench[torchao]'``).
+
+transformers swaps the weight of every ``nn.Linear`` except the output embedding (lm_head, kept in full precision
+as the bitsandbytes methods keep it; ``torchao.quantize_`` on its own would quantize it too: with int8 that is 2.8x
+the KLD on glm-tiny, see tests/test_mutations.py) for one of torchao's tensor subclasses; the module stays an
+``nn.Linear``, so quantized modules are told by their weight's type. Embeddings, norms and biases stay in the
+compute dtype.
+
+* ``torchao-int8wo``: ``Int8WeightOnlyConfig``, symmetric int8 per output row (``Int8Tensor``: int8 data, fp32
+  scale and int8 zero point per row).
+* ``torchao-int4wo``: asymmetric uint4 in groups of 64 input columns. On the CPU the layout torch's CPU int4 kernel
+  (``aten._weight_int4pack_mm_for_cpu``) reads: ``PrototypeInt4WeightOnlyConfig`` → ``Int4OpaqueTensor``, two
+  values per byte as ``[out, in/2]`` plus scale and zero per group ``[in/64, out, 2]`` in the compute dtype
+  (torchao 0.18's successor of ``Int4CPULayout``). On CUDA the tinygemm layout (``int4_packing_format
+  ="tile_packed_to_4d"``, kernel ``aten._weight_int4pack_mm``, bf16 only, compute capability >= 8.0), not
+  torchao's default "plain" one, which needs the separate mslk/fbgemm-gpu-genai kernels. A linear whose
+  ``in_features`` is not a multiple of 64 is left in full precision by torchao itself.
+* ``torchao-fp8wo``: ``Float8WeightOnlyConfig``, float8 e4m3 weights with an fp32 scale per output row
+  (``Float8Tensor``); activations stay in the compute dtype, so no float8 matmul (that is
+  ``Float8DynamicActivationFloat8WeightConfig``, compute capability >= 8.9) is needed, and it runs on the CPU.
+
+Not offered: the CPU int8-activation/int4-weight kernel (``da8w4_linear_cpu``) is not in torchao 0.18's PyPI
+wheel, which carries CUDA extensions only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
+from qbench.methods.libraries import library_problem
+from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.models.loading import load_causal_lm
+
+MIN_VERSION = "0.18"
+INT4_GROUP_SIZE = 64
+# torchao's tinygemm int4 layout on CUDA (Int4TilePackedTo4dTensor) asserts compute capability >= 8.0.
+TINYGEMM_MIN_CAPABILITY = (8, 0)
+
+
+def device_type(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+class _ImportNoise(logging.Filter):
+    """Drops what torchao's import prints under a CPU build of torch and says nothing about a run: one warning per
+    CUDA extension it cannot load (``Failed to load .../torchao/_C_cutlass_90a.abi3.so``) and torch's deprecation
+    notes on the enums torchao registers with pytree. transformers imports torchao whenever it is installed, so
+    without this every qbench command would print them. Under a CUDA build they are kept: they may matter there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.name == "torchao":
+            return not (msg.startswith("Failed to load ") and "torchao/_C" in msg)
+        return "is an Enum subclass and is now natively supported by torch.compile" not in msg
+
+
+def _drop_import_noise() -> None:
+    import torch
+
+    if torch.version.cuda is None:  # not torch.cuda.is_available(): that would initialise CUDA at import
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).addFilter(_ImportNoise())
+
+
+_drop_import_noise()
+
+
+class _TorchAo(Method):
+    family = "torchao"
+    weights: ClassVar[str]  # int8 | int4 | float8
+    bits: ClassVar[int]
+    group_size: ClassVar[int | None] = None  # None: one scale per output row
+
+    def unavailable(self, device: str) -> str | None:
+        return library_problem("torchao", "torchao", MIN_VERSION, "torchao") or self.device_problem(device)
+
+    def device_problem(self, device: str) -> str | None:
+        return None
+
+    def quant_type(self, device: str):
+        """torchao's AOBaseConfig for ``device``."""
+        raise NotImplementedError
+
+    def config(self, device: str = "cpu"):
+        from transformers import TorchAoConfig
+
+        # modules_to_not_convert None: transformers keeps the output embedding (lm_head) in full precision.
+        return TorchAoConfig(self.quant_type(device))
+
+    def load(self, req: LoadRequest):
+        dtype = torch_dtype(req.compute_dtype)
+        cfg = self.config(req.device)
+        return load_causal_lm(req.path, req.device, dtype, quantization_config=cfg, **req.load_kwargs())
+
+    def quantizes(self, out_features: int, in_features: int) -> bool:
+        """Whether torchao quantizes an ``[out, in]`` linear (it leaves the shapes its layout cannot take alone)."""
+        return self.group_size is None or in_features % self.group_size == 0
+
+    def quantized_modules(self, model) -> list[str]:
+        from torchao.utils import TorchAOBaseTensor
+
+        return [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)]
+
+    def left_unquantized(self, model) -> list[str]:
+        import torch
+
+        head = model.get_output_embeddings()
+        return [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and m is not head
+            and type(m.weight) is torch.nn.Parameter
+            and self.quantizes(m.out_features, m.in_features)
+        ]
+
+
+@register
+class Int8WeightOnly(_TorchAo):
+    name = "torchao-int8wo"
+    description = "torchao int8 weight-only: symmetric int8 per output row, compute in bf16"
+    quality_bounds = EIGHT_BIT
+    weights, bits = "int8", 8
+
+    def quant_type(self, device: str):
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+
+
+@register
+class Int4WeightOnly(_TorchAo):
+    name = "torchao-int4wo"
+    description = "torchao int4 weight-only, group 64, asymmetric: CPU int4 layout on CPU, tinygemm on CUDA"
+    quality_bounds = FOUR_BIT
+    weights, bits = "int4", 4
+    group_size = INT4_GROUP_SIZE
+
+    def device_problem(self, device: str) -> str | None:
+        import torch
+
+        kind = device_type(device)
+        if kind == "cpu":
+            if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                return f"torch {torch.__version__} has no CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)"
+            return None
+        if kind != "cuda":
+            return f"{self.name} runs on cpu and cuda; torchao has no int4 weight-only layout for {kind}"
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability(torch.device(device))
+            if cap < TINYGEMM_MIN_CAPABILITY:
+                need = ".".join(map(str, TINYGEMM_MIN_CAPABILITY))
+                return (
+                    f"torchao's tinygemm int4 kernel (aten._weight_int4pack_mm) needs compute capability >= {need}; "
+                    f"{device} has {cap[0]}.{cap[1]}"
+                )
+        return None
+
+    def quant_type(self, device: str):
+        if device_type(device) == "cpu":
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            return PrototypeInt4WeightOnlyConfig(group_size=self.group_size, set_inductor_config=False)
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(
+            group_size=self.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
+
+
+@register
+class Float8WeightOnly(_TorchAo):
+    name = "torchao-fp8wo"
+    description = "torchao float8 (e4m3) weight-only, one fp32 scale per output row, compute in bf16"
+    quality_bounds = FP8
+    weights, bits = "float8", 8
+
+    def quant_type(self, device: str):
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        return Float8WeightOnlyConfig()

@@ -10,7 +10,7 @@ import pytest
 
 from qbench.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from qbench.report.compare import CHANGED, REFUSED, SAME, compare
-from qbench.run.engine import RunConfig, run_cases
+from qbench.run import RunConfig, run_cases
 from qbench.run.workload import Workload
 
 

@@ -119,7 +119,7 @@ def test_run_with_device_map_auto_matches_the_single_gpu_run(tmp_path):
 def test_gpu_plans_are_checked_on_cpu_up_to_the_load(monkeypatch):
     """The CUDA path without CUDA: plan for two GPUs from --max-memory, then check it as a GPU box would."""
     from qbench.errors import UsageError
-    from qbench.run.engine import RunConfig, check_plan, device_plan
+    from qbench.run import RunConfig, check_plan, device_plan
 
     cfg = RunConfig(device="cuda", device_map="sequential", max_memory=_split_budget("bf16"))
     plan = device_plan(zoo.resolve("glm-tiny"), "bf16", cfg)

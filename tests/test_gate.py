@@ -11,7 +11,7 @@ from test_mutations import ScalesTooLarge  # the planted 2% scale error, defined
 from qbench.errors import UsageError
 from qbench.judge import store
 from qbench.methods import registry
-from qbench.run.engine import RunConfig, run_cases
+from qbench.run import RunConfig, run_cases
 from qbench.run.workload import Workload
 
 # Small workload: enough positions for stable statistics on glm-tiny, short speed runs.

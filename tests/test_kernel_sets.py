@@ -132,8 +132,8 @@ def test_noise_sweep_runs_each_kernel_set_in_its_own_process(tmp_path, capsys):
 
 
 def test_bounds_are_named_per_kernel_set():
-    """A ppl move of 1e-4 is thread noise's 80x on the baseline's own kernels (a regression) but within what other
-    kernel sets were measured to move it (2.2e-4): the same numbers, judged by where the baseline came from."""
+    """A ppl move of 1e-4 is 6x the largest thread move on the baseline's own kernels (a regression) but within what
+    other kernel sets were measured to move it (2.2e-4): the same numbers, judged by where the baseline came from."""
     from qbench.judge.verdict import regression_gate
 
     baseline = {"quality": {"ppl": 6.6642}, "footprint": {"weights_bytes": 1}, "greedy": [[1]], "greedy_margins": [[1]]}

@@ -132,7 +132,7 @@ def test_a_corrupt_baseline_names_a_fix_that_works(tmp_path):
 def test_baseline_update_force_replaces_a_corrupt_baseline(tmp_path, capsys):
     from qbench.cli import build_parser, main
     from qbench.cli.run import run_config
-    from qbench.run.engine import RunConfig, run_cases
+    from qbench.run import RunConfig, run_cases
     from qbench.run.workload import Workload
 
     d = tmp_path / "glm-tiny" / "bf16" / "cpu"
@@ -195,7 +195,7 @@ def test_a_nan_reference_is_not_zero_drift():
 def test_a_nan_reference_model_makes_each_case_an_error_that_says_so(tmp_path, monkeypatch):
     from qbench.methods import registry
     from qbench.methods.reference import BF16
-    from qbench.run.engine import RunConfig, run_cases
+    from qbench.run import RunConfig, run_cases
     from qbench.run.workload import Workload
 
     class NaNWeights(BF16):

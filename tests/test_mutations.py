@@ -23,7 +23,7 @@ from qbench.methods.quanto import Int4 as QuantoInt4
 from qbench.methods.quanto import Int8 as QuantoInt8
 from qbench.methods.torchao import Int4WeightOnly as TorchAoInt4
 from qbench.methods.torchao import Int8WeightOnly as TorchAoInt8
-from qbench.run.engine import RunConfig, judge_case, measure_case, prepare_model, run_cases, score_reference
+from qbench.run import RunConfig, judge_case, measure_case, prepare_model, run_cases, score_reference
 from qbench.run.workload import Workload
 
 

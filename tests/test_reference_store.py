@@ -10,7 +10,7 @@ from qbench.errors import UsageError
 from qbench.judge import reference as stored
 from qbench.measure.memory import track_peak
 from qbench.quality.drift import DriftAccumulator, build_reference, iter_logprobs
-from qbench.run.engine import RunConfig, prepare_model
+from qbench.run import RunConfig, prepare_model
 
 FP = {"model": "m", "tokenizer": "t", "workload": "w", "reference": "bf16"}
 

@@ -6,7 +6,8 @@ baseline.json; a baseline without that record is treated as other kernels):
 * **same kernels**: the noise left is thread count. Measured on an Intel Xeon with AMX (native oneDNN
   ``avx10_1_512_amx``), glm-tiny, 9 methods, 1 vs 2 threads: AMX brgemm splits reductions by thread count, so
   the runs are *not* bit-identical (the AVX-512-BF16 and AVX2 kernel sets were): ppl_ref moved 1.2e-6 relative,
-  kld_p99 2.3% (bnb-fp4), same_top1 7.4e-4 (fp32, bnb-nf4), kld_mean 0.16% (bnb-int8).
+  ppl 1.56e-5 (torchao-int8wo), kld_p99 2.3% (bnb-fp4), same_top1 7.4e-4 (fp32, bnb-nf4), kld_mean 0.16%
+  (bnb-int8).
 * **other kernels** (another CPU generation, or ARM): ``qbench baseline noise --kernels
   native,avx512-bf16,avx512,avx2,default`` on the same machine (native AMX, AVX-512-BF16, AVX-512 without bf16,
   AVX2, no vector kernels; plus AVX2 with ``MKL_ENABLE_INSTRUCTIONS=AVX2``, since fp32 GEMMs go to MKL, which
@@ -61,9 +62,9 @@ class Tolerance:
 REGRESSION_TOLERANCES: tuple[Tolerance, ...] = (
     Tolerance(
         "ppl",
-        rel=2e-5,
+        rel=5e-5,
         cross_rel=4.5e-4,
-        why="same kernels: 16x the 1.2e-6 thread move, planted 2.9e-4; other kernels: 2x the 2.24e-4 move",
+        why="same kernels: 3.2x the 1.56e-5 thread move (torchao-int8wo), planted 2.9e-4; other kernels: 2x 2.24e-4",
     ),
     Tolerance(
         "kld_mean",

@@ -30,8 +30,10 @@ TOK_S_DROP = {"decode_tok_s": 0.50, "prefill_tok_s": 0.50}
 PEAK_GROWTH = 0.05
 # generate's own cost per decode step (framework_ms_per_token: generate's step minus the bare model's, measured in
 # alternating runs) may grow by this much over the baseline's before the framework, not the model, is called
-# slower. Provenance: see FRAMEWORK_NOISE below; a logits processor that sleeps 2 ms per step (tests/
-# test_perf_gate.py) must be caught although decode tok/s on glm-tiny then drops less than TOK_S_DROP.
+# slower. Provenance: a design bound, not yet a noise measurement (the machine it was written on was loaded; the
+# re-measurement is open in issue 14). It must catch a logits processor that sleeps 2 ms per step (tests/
+# test_perf_gate.py), whose decode tok/s drop on glm-tiny stays under TOK_S_DROP: 1 ms + 100% of the baseline's gap
+# leaves that 2 ms caught for any baseline gap under 1 ms.
 FRAMEWORK_GROWTH_MS, FRAMEWORK_GROWTH_REL = 1.0, 1.0
 
 

@@ -87,18 +87,57 @@ def load_causal_lm(path: Path, device: str, dtype, quantization_config=None, dev
         return chatglm_checkpoint.load(path, device, dtype, device_map=device_map)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
+    kwargs = {}
+    if quantization_config is not None:
+        # Only when a method quantizes: an explicit None makes transformers ignore a pre-quantized checkpoint's own
+        # quantization_config and load its packed tensors as "unexpected" beside uninitialised weights.
+        kwargs["quantization_config"] = quantization_config
+    model, info = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
         device_map=device if device_map is None else device_map,
         max_memory=max_memory,
-        quantization_config=quantization_config,
         local_files_only=True,
         use_safetensors=True,
         trust_remote_code=False,
+        output_loading_info=True,
+        **kwargs,
     )
+    check_loading_info(path, info)
     model.eval()
     return model
+
+
+class CheckpointMismatch(Exception):
+    """The checkpoint's tensors do not match the model built from its config: some weights would be left
+    uninitialised (missing) or ignored (unexpected). The case is an ``error``, never a drift figure."""
+
+
+def _names(keys, limit: int = 4) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_loading_info(path: Path, info: dict) -> None:
+    """Raise :class:`CheckpointMismatch` naming the keys when ``from_pretrained``'s loading info reports missing,
+    unexpected or shape-mismatched tensors (transformers only logs them: the model would run on random weights)."""
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (left uninitialised): {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (ignored): {_names(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} with mismatched shapes: {_names(mismatched)}")
+    if problems:
+        raise CheckpointMismatch(
+            f"{path}: checkpoint tensors do not match the model ({'; '.join(problems)}); the checkpoint is "
+            "incomplete or its quantization_config does not describe it (a pre-quantized checkpoint needs its "
+            "library installed and the method that reads its format)"
+        )
 
 
 def load_tokenizer(path: Path):

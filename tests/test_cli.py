@@ -95,8 +95,10 @@ def test_zoo_and_methods_listing(capsys):
     code, out, _ = _run(capsys, "zoo", "path", "glm-tiny")
     assert code == 0 and out.strip().endswith("glm-tiny")
     code, out, _ = _run(capsys, "methods")
-    names = [line.split()[0] for line in out.strip().splitlines()]
+    names = [line.split()[0] for line in out.strip().splitlines() if line.strip()]
     assert {"bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8"} <= set(names)
+    groups = out.split("groups for --method")[1]
+    assert "  all " in groups and "  bitsandbytes  bnb-nf4 bnb-nf4-dq bnb-fp4 bnb-int8" in groups
 
 
 def test_console_script_usage_error_has_no_traceback():

@@ -92,7 +92,8 @@ def add_selection(p: argparse.ArgumentParser) -> None:
         "--method",
         action="append",
         metavar="NAME",
-        help=f"quantization method, repeatable (default: {' '.join(DEFAULT_METHODS)}; `qbench methods` lists them)",
+        help=f"quantization method or group (all, drift, a family such as torchao), repeatable (default: "
+        f"{' '.join(DEFAULT_METHODS)}; `qbench methods` lists them)",
     )
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: $QBENCH_DEVICE, else cuda if visible, else cpu)")
     g.add_argument(
@@ -169,6 +170,9 @@ def add_selection(p: argparse.ArgumentParser) -> None:
         metavar="GiB",
         help="address space an isolated case may add after start-up; past it the case errors",
     )
+    from qbench.cli import endpoint
+
+    endpoint.add_arguments(p)
     b = p.add_argument_group("baselines")
     b.add_argument("--baselines", type=Path, help="baseline directory (default: the checkout's baselines/)")
     b.add_argument(
@@ -229,6 +233,10 @@ def execute(args, update: bool, console: Console, err: Console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = run_config(args, update)
+    if args.endpoint:
+        from qbench.cli import endpoint
+
+        return endpoint.execute(args, update, console, err, cfg)
     path, resume = getattr(args, "json", None), bool(getattr(args, "resume", False))
     if resume and not path:
         raise UsageError("--resume needs --json PATH: the results file of the run to resume")
@@ -237,6 +245,8 @@ def execute(args, update: bool, console: Console, err: Console) -> int:
 
         check_writable(path, "--json")
     cfg.validate()  # bad input is refused before the results file is locked or read
+    for note in cfg.method_notes:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
 
     def progress(case: str, stage: str) -> None:

@@ -127,6 +127,11 @@ def _methods(args, console: Console, err: Console) -> int:
         console.print(f"{name:15} {m.family:13} {state:12} {m.description}", markup=False, highlight=False)
         if why is not None:
             console.print(f"{'':42} {args.device}: {why}", markup=False, highlight=False, soft_wrap=True)
+    from qbench.run.config import method_groups
+
+    console.print("\ngroups for --method (each keeps the methods that run here):", markup=False, highlight=False)
+    for group, members in method_groups().items():
+        console.print(f"  {group:13} {' '.join(members)}", markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

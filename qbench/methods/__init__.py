@@ -12,7 +12,16 @@ import os
 import pkgutil
 
 from qbench.errors import UsageError
-from qbench.methods.registry import DTYPES, LoadRequest, Method, get, names, register, torch_dtype
+from qbench.methods.registry import (
+    DTYPES,
+    GROUP_NAMES,
+    LoadRequest,
+    Method,
+    get,
+    names,
+    register,
+    torch_dtype,
+)
 
 # References first, so listings and error messages start with the unquantized methods.
 for _name in sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda n: (n != "reference", n)):
@@ -28,4 +37,4 @@ for _name in filter(None, (n.strip() for n in os.environ.get(METHOD_MODULES_ENV,
             f"{METHOD_MODULES_ENV}: cannot import {_name} ({_e}); fix the variable or PYTHONPATH"
         ) from None
 
-__all__ = ["DTYPES", "LoadRequest", "Method", "get", "names", "register", "torch_dtype"]
+__all__ = ["DTYPES", "GROUP_NAMES", "LoadRequest", "Method", "get", "names", "register", "torch_dtype"]

@@ -77,9 +77,13 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+# Names --method reads as groups of methods (qbench.run.config.method_groups); no method may take one.
+GROUP_NAMES = ("all", "drift")
 
 
 def register(cls: type[Method]) -> type[Method]:
+    if cls.name in GROUP_NAMES:
+        raise ValueError(f"method {cls.name!r}: the name is a --method group ({', '.join(GROUP_NAMES)}); pick another")
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} is registered twice ({_REGISTRY[cls.name].__class__} and {cls})")
     _REGISTRY[cls.name] = cls()

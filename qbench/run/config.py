@@ -26,6 +26,50 @@ DRIFT_METHODS = (
     *("torchao-int8wo", "torchao-int4wo", "torchao-fp8wo", "quanto-int8", "quanto-int4", "quanto-fp8"),
 )
 
+# --method also takes a group: "all" (every registered method), "drift" (DRIFT_METHODS) or a family's name
+# ("torchao", "bitsandbytes", ...; `qbench methods` lists each method's family). A group keeps only the methods that
+# run here: those unavailable on the device or unable to read a model's checkpoint are left out, with the reason.
+GROUP_ALL, GROUP_DRIFT = methods.GROUP_NAMES
+
+
+def method_groups() -> dict[str, list[str]]:
+    """Each group name and the methods in it (a method's own name is never a group: it names the method)."""
+    groups: dict[str, list[str]] = {GROUP_ALL: methods.names(), GROUP_DRIFT: list(DRIFT_METHODS)}
+    for name in methods.names():
+        family = methods.get(name).family
+        if family not in methods.names():
+            groups.setdefault(family, []).append(name)
+    return groups
+
+
+def select_methods(specs: list[str], device: str, paths: list[Path]) -> tuple[list[str], list[str]]:
+    """``specs`` (method names and groups) as method names in order without repeats, and one note for each method a
+    group left out (why it cannot run here). A name is kept as given: its case is skipped with the reason."""
+    groups = method_groups()
+    chosen: list[str] = []
+    notes: list[str] = []
+    for spec in specs:
+        if spec in methods.names():
+            chosen.append(spec)
+            continue
+        if spec not in groups:
+            raise UsageError(
+                f"--method {spec}: unknown method; choose from {', '.join(methods.names())} or a group "
+                f"({', '.join(groups)})"
+            )
+        kept = []
+        for name in groups[spec]:
+            m = methods.get(name)
+            why = m.unavailable(device) or next(filter(None, (m.checkpoint_problem(p) for p in paths)), None)
+            if why is None:
+                kept.append(name)
+            else:
+                notes.append(f"--method {spec}: left out {name} ({why})")
+        if not kept:
+            raise UsageError(f"--method {spec}: no method of this group runs here ({'; '.join(notes)})")
+        chosen.extend(kept)
+    return list(dict.fromkeys(chosen)), notes
+
 
 @dataclass
 class RunConfig:
@@ -55,14 +99,18 @@ class RunConfig:
     # found there: a resumed run then skips the reference pass too, when the fingerprints still match.
     reference_cache: Path | None = None
     reuse_reference: bool = False
+    # What --method's groups left out and why (filled by validate; the CLI prints them).
+    method_notes: list[str] = field(default_factory=list)
 
     def reference_dir(self, ctx: ModelContext) -> Path:
         return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
 
     def validate(self) -> None:
         """Everything that can be checked before any model is loaded, so bad input costs nothing."""
-        for name in self.methods:
-            methods.get(name)
+        check_device(self.device)
+        paths = [zoo.resolve(spec) for spec in self.models]
+        self.methods, notes = select_methods(self.methods, self.device, paths)
+        self.method_notes.extend(n for n in notes if n not in self.method_notes)
         if self.reference not in methods.names():
             raise UsageError(f"--reference {self.reference}: unknown method; choose from {', '.join(methods.names())}")
         if self.compute_dtype is not None:
@@ -71,7 +119,6 @@ class RunConfig:
             raise UsageError(f"--reference-source {self.reference_source}: choose compute or stored")
         if self.reference_source == "stored" and self.update_baselines:
             raise UsageError("baseline update recomputes the reference; drop --reference-source stored")
-        check_device(self.device)
         self.workload.text()
         self.workload.prompt_set()
         from qbench.measure.estimate import check_positions, load_config

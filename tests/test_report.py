@@ -59,6 +59,18 @@ def test_plot_and_markdown_files(results, tmp_path, capsys):
     assert md.read_text().startswith("### qbench")
 
 
+def test_plot_points_are_quality_size_and_speed(results):
+    from qbench.report.plot import points
+
+    doc = json.loads(results.read_text())
+    doc["cases"].append({**doc["cases"][0], "id": "m-x-cpu", "method": "x", "status": "error", "quality": None})
+    pts = points(doc)
+    assert [(p.label, p.weights_mib, p.kld_mean, p.ppl_ratio, p.decode_tok_s) for p in pts] == [
+        ("m bf16", 5.5, 0.0, 1.0, 350.0),
+        ("m bnb-nf4", 2.3, 3e-4, 1 + 3e-4, 330.0),
+    ]
+
+
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": "other/1"})])
 def test_other_files_are_refused(tmp_path, capsys, content):
     bad = tmp_path / "x.json"

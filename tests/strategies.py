@@ -127,3 +127,52 @@ def linear_cases(draw, dtypes=FLOAT_DTYPES):
     if draw(st.booleans()):
         bias = _to_torch(draw(arrays(np.float32, (w.shape[0],), elements=st.floats(-4, 4, width=32))), compute)
     return _to_torch(x, compute), qweight, scale, case.bits, bias
+
+
+class GptqCase(NamedTuple):
+    """Unpacked GPTQ tensors: ``codes`` ``[in, out]`` and ``zeros`` ``[groups, out]`` in ``[0, 2**bits)``, fp16
+    ``scales`` ``[groups, out]``, ``g_idx`` ``[in]`` (the group of each input column)."""
+
+    codes: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+
+@st.composite
+def gptq_cases(draw, max_in: int = 40, max_out: int = 20) -> GptqCase:
+    """GPTQ layouts of 2, 4 or 8 bits with any in/out widths (packing pads the last int32 word), groups of any size
+    or act-order's arbitrary group per column, scales of any sign (a zero and subnormals included)."""
+    bits = draw(st.sampled_from((2, 4, 8)))
+    n_in, n_out = draw(st.integers(1, max_in)), draw(st.integers(1, max_out))
+    top = 2**bits - 1
+    codes = draw(arrays(np.int64, (n_in, n_out), elements=st.integers(0, top)))
+    if draw(st.booleans()):
+        group = draw(st.integers(1, n_in))
+        g_idx = np.arange(n_in) // group
+        groups = int(g_idx[-1]) + 1
+    else:  # desc_act: columns in any group
+        groups = draw(st.integers(1, n_in))
+        g_idx = draw(arrays(np.int64, (n_in,), elements=st.integers(0, groups - 1)))
+    zeros = draw(arrays(np.int64, (groups, n_out), elements=st.integers(0, top)))
+    scale = draw(arrays(np.float16, (groups, n_out), elements=st.floats(-8, 8, width=16)))
+    return GptqCase(_to_torch(codes), _to_torch(zeros), _to_torch(scale), _to_torch(g_idx.astype(np.int32)), bits)
+
+
+class CtPackCase(NamedTuple):
+    """Signed ``bits``-bit values (int8 tensor ``[rows, cols]``) for compressed-tensors' int32 packing."""
+
+    values: torch.Tensor
+    bits: int
+
+
+@st.composite
+def ct_pack_cases(draw, max_rows: int = 4, max_cols: int = 70) -> CtPackCase:
+    """1- to 8-bit values in ``[-2**(bits-1), 2**(bits-1))``, rows of any width up to 70 (so a row spans several
+    int32 words and, for widths that do not divide 32, values straddle two words; the last word is padded)."""
+    bits = draw(st.integers(1, 8))
+    rows, cols = draw(st.integers(1, max_rows)), draw(st.integers(1, max_cols))
+    half = 1 << (bits - 1)
+    values = draw(arrays(np.int8, (rows, cols), elements=st.integers(-half, half - 1)))
+    return CtPackCase(_to_torch(values), bits)

@@ -150,6 +150,101 @@ def test_dequantize_matches_float64_formula(qweight, bits, dtype, out_mode, data
         assert got.data_ptr() == out.data_ptr()
 
 
+# --- the CPU lookup path -----------------------------------------------------------------------------------
+
+CPU_TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _every_byte_pair() -> torch.Tensor:
+    """All 65536 ordered byte pairs, each starting at an even offset: [256, 512] int8 on the CPU."""
+    codes = torch.arange(65536, dtype=torch.int32)
+    return torch.stack((codes & 0xFF, codes >> 8), dim=-1).reshape(256, 512).to(torch.uint8).view(torch.int8)
+
+
+@pytest.mark.parametrize("dtype", CPU_TABLE_DTYPES, ids=str)
+def test_cpu_lookup_covers_every_byte_pair_exactly(dtype):
+    # Exhaustive for the tables: every entry of the fp16/bf16 one (two bytes per lookup) and of the fp32 one (one
+    # byte) is hit, with scale 1 (the nibble itself) and with a scale whose products round (1 + 2**-3 + 2**-7 has
+    # 8 significant bits; 7 times it, 7.9296875, needs 10, so it rounds in bf16).
+    packed = _every_byte_pair()
+    q_rows = scalar_unpack(packed)
+    for value in (1.0, 1 + 2**-3 + 2**-7):
+        scale = torch.full((256,), value, dtype=dtype)
+        assert torch.equal(dequantize_weight(packed, scale, 4), float64_dequant(q_rows, scale, 1024))
+
+
+@pytest.mark.parametrize("dtype", CPU_TABLE_DTYPES, ids=str)
+def test_cpu_int4_dequantization_takes_the_lookup_path(dtype, monkeypatch):
+    """On the CPU, fp16/bf16/fp32 int4 dequantization is the table lookup, not the bit-trick words (the GPU path)
+    nor the int8 unpack. Planted regression: dispatching the CPU back to ``_dequant_int4_words`` (the code before
+    the lookup, 1.6-2.2x slower on CPU: tests/test_bench_dequant.py) fails this test."""
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(-128, 128, (8, 6), dtype=torch.int8, generator=g)
+    scale = (torch.rand(8, generator=g) + 0.5).to(dtype)
+    expected = float64_dequant(scalar_unpack(packed), scale, 12)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a slow int4 path was taken on the CPU")
+
+    monkeypatch.setattr(chatglm, "_dequant_int4_words", refuse)
+    monkeypatch.setattr(chatglm, "unpack_int4", refuse)
+    assert torch.equal(dequantize_weight(packed, scale, 4), expected)
+    out = torch.empty(8 * 12 + 4, dtype=dtype)[4:].view(8, 12)  # offset by one word: still aligned
+    assert torch.equal(dequantize_weight(packed, scale, 4, out=out), expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "width", "offset", "why"),
+    [
+        (torch.float64, 6, 0, "float64 needs 16-byte words"),
+        (torch.bfloat16, 3, 0, "an odd number of packed bytes cannot be read two at a time"),
+        (torch.float16, 6, 2, "out is not aligned to the 8-byte word"),
+        (torch.float32, 6, 1, "out is not aligned to the 8-byte word"),
+    ],
+)
+def test_cpu_lookup_declines_and_the_generic_path_answers(dtype, width, offset, why):
+    g = torch.Generator().manual_seed(1)
+    packed = torch.randint(-128, 128, (1, width), dtype=torch.int8, generator=g)
+    scale = torch.tensor([0.75], dtype=dtype)
+    out = torch.zeros(2 * width + offset, dtype=dtype)[offset:].view(1, 2 * width)
+    assert not chatglm._dequant_int4_table(packed, out), why
+    assert bool((out == 0).all())  # declined before writing anything
+    got = dequantize_weight(packed, scale, 4, out=out)
+    assert torch.equal(got, float64_dequant(scalar_unpack(packed), scale, 2 * width))
+
+
+@pytest.mark.parametrize("dtype", CPU_TABLE_DTYPES, ids=str)
+def test_cpu_lookup_reads_a_packed_view_at_an_odd_offset(dtype):
+    # Rows 1-2 of a [3, 3] tensor start at byte 3: two bytes cannot be viewed as one uint16 there (torch refuses).
+    packed = torch.randint(-128, 128, (3, 3), dtype=torch.int8, generator=torch.Generator().manual_seed(3))[1:]
+    scale = torch.tensor([0.5, -3.0], dtype=dtype)
+    expected = float64_dequant(scalar_unpack(packed), scale, 6)
+    assert torch.equal(dequantize_weight(packed, scale, 4), expected)
+
+
+@pytest.mark.parametrize("dtype", CPU_TABLE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(64, 96), (5, 6), (1, 2)])
+def test_cpu_lookup_indices_never_outgrow_the_packed_weight(dtype, shape, monkeypatch):
+    """The int32 indices live in chunks of at most the packed weight's bytes (rounded up to one index), the
+    transient the estimator charges to a ChatGLM int4 forward (qbench.measure.estimate.weight_transient_bytes:
+    the dequantized weight plus n/2). Planted regression: one chunk for the whole weight (2x the packed bytes for
+    fp16/bf16, 4x for fp32) fails this test."""
+    sizes = []
+    real = torch.index_select
+
+    def recording(table, dim, index, **kwargs):
+        sizes.append(index.numel())
+        return real(table, dim, index, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", recording)
+    packed = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    out = dequantize_weight(packed, torch.ones(shape[0], dtype=dtype), 4)
+    assert torch.equal(out, float64_dequant(scalar_unpack(packed), torch.ones(shape[0], dtype=dtype), 2 * shape[1]))
+    per_lookup = 2 if dtype != torch.float32 else 1
+    assert sum(sizes) * per_lookup == packed.numel()  # every byte looked up once, by the lookup path
+    assert max(sizes) * 4 <= packed.numel() + 3
+
+
 # --- quantization -------------------------------------------------------------------------------------------
 
 # Pinned cases where ChatGLM's formula leaves int8 range (see the module docstring of qbench.formats.chatglm):

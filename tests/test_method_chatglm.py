@@ -41,6 +41,23 @@ def test_quant_linear_is_f_linear_of_dequantized_weight(bits):
     assert sd["weight_scale"].dtype == torch.bfloat16 and sd["weight_scale"].shape == (24,)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int4_layer_forward_on_cpu_dequantizes_by_table_lookup(dtype, monkeypatch):
+    """The int4 layer's CPU forward goes through the lookup path and is F.linear of the dequantized weight, bit for
+    bit. Planted regression: routing the CPU back to the bit-trick words fails this test."""
+    lin = torch.nn.Linear(64, 24, bias=True).to(dtype)
+    q = ChatGLMQuantLinear.from_linear(lin, 4)
+    x = torch.randn(3, 64, dtype=dtype)
+    expected = F.linear(x, fmt.dequantize_weight(q.weight, q.weight_scale, 4), lin.bias)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a slow int4 path was taken on the CPU")
+
+    monkeypatch.setattr(fmt, "_dequant_int4_words", refuse)
+    monkeypatch.setattr(fmt, "unpack_int4", refuse)
+    assert torch.equal(q(x), expected)
+
+
 def test_checkpoint_tensors_load_unchanged():
     lin = torch.nn.Linear(32, 8, bias=False).to(torch.float16)
     src = ChatGLMQuantLinear.from_linear(lin, 4)

@@ -19,6 +19,8 @@ from qbench.judge.verdict import FAILING
 from qbench.methods import LoadRequest, registry
 from qbench.methods.bnb import NF4
 from qbench.methods.chatglm import ChatGLMInt4
+from qbench.methods.compressed_tensors import W8A8 as CtW8A8
+from qbench.methods.hqq import Hqq4Bit
 from qbench.methods.quanto import Int4 as QuantoInt4
 from qbench.methods.quanto import Int8 as QuantoInt8
 from qbench.methods.torchao import Int4WeightOnly as TorchAoInt4
@@ -140,6 +142,35 @@ class QuantoScalesTooLarge(QuantoInt4):
         return model
 
 
+class HqqZeroTruncated(Hqq4Bit):
+    """Every 4-bit zero point truncated to an integer. HQQ's solver leaves fractional zero points (``W = (W_q - z) *
+    s``); a format with an integer zero-point field (GPTQ/AWQ-style packed qzeros, the kernels such checkpoints are
+    converted for) cannot hold them, and a conversion that casts instead of re-fitting moves each group by up to one
+    step, half a step on average."""
+
+    def load(self, req: LoadRequest):
+        from hqq.core.quantize import HQQLinear
+
+        model = super().load(req)
+        for m in model.modules():
+            if isinstance(m, HQQLinear):
+                m.meta["zero"].floor_()
+        return model
+
+
+class CtActivationsUnquantized(CtW8A8):
+    """A W8A8 checkpoint run with its activations left in bf16: a loader or kernel that drops the checkpoint's
+    ``input_activations`` scheme (int8 per token, dynamic) and runs it as W8A16 without a word. Quality moves the
+    *better* way (kld_mean down ~3x on glm-tiny); the gate flags a change either way, because the numbers no longer
+    describe what the checkpoint is."""
+
+    def prepare(self, model):
+        super().prepare(model)
+        for m in model.modules():
+            if getattr(m, "quantization_scheme", None) is not None:
+                m.quantization_enabled = False  # compressed-tensors' switch for a module's activation QDQ
+
+
 PLANTED = {
     "int4-nibbles-swapped": ("chatglm-int4", SwappedNibbles),
     "nf4-scales-2pct-large": ("bnb-nf4", ScalesTooLarge),
@@ -151,6 +182,8 @@ PLANTED = {
     "torchao-int4-zero-half-step": ("torchao-int4wo", TorchAoInt4ZeroHalfStep),
     "quanto-lm-head-quantized": ("quanto-int8", QuantoLmHeadQuantized),
     "quanto-int4-scales-2pct-large": ("quanto-int4", QuantoScalesTooLarge),
+    "ct-w8a8-activations-unquantized": ("ct-w8a8", CtActivationsUnquantized),
+    "hqq-4bit-zero-truncated": ("hqq-4bit", HqqZeroTruncated),
 }
 # The quality gates are under test here: one short speed run, too few timed runs for the perf gate to judge
 # (speed settings are outside the quality fingerprint, so the stored baselines still apply).
@@ -168,6 +201,7 @@ BENIGN = [
     ("fp32", 1),
     ("torchao-int4wo", 2),
     ("quanto-int4", 2),
+    ("hqq-4bit", 2),
 ]
 
 

@@ -24,10 +24,12 @@ from qbench.run.workload import Workload
 
 TORCHAO = ("torchao-int8wo", "torchao-int4wo", "torchao-fp8wo")
 QUANTO = ("quanto-int8", "quanto-int4", "quanto-fp8")
+HQQ = ("hqq-4bit", "hqq-8bit")
 ALWAYS = ("bf16", "fp16", "fp32", "bnb-nf4", "bnb-int8", "chatglm-int8", "chatglm-int4")
 MISSING = {
     "torchao": "torchao is not installed: pip install 'qbench[torchao]'",
     "optimum.quanto": "optimum-quanto is not installed: pip install 'qbench[quanto]'",
+    "hqq": "hqq is not installed: pip install 'qbench[hqq]'",
 }
 
 
@@ -50,7 +52,7 @@ def test_every_method_answers_and_the_built_in_ones_always_run():
         assert methods.get(name).unavailable("cpu") is None
 
 
-@pytest.mark.parametrize("module, names", [("torchao", TORCHAO), ("optimum.quanto", QUANTO)])
+@pytest.mark.parametrize("module, names", [("torchao", TORCHAO), ("optimum.quanto", QUANTO), ("hqq", HQQ)])
 def test_a_missing_library_names_its_pip_extra(without, module, names):
     without(module)
     for name in names:
@@ -71,6 +73,10 @@ def test_a_library_too_old_says_which_version_is_needed(monkeypatch):
     assert "optimum-quanto 0.2.6 is installed; qbench needs optimum-quanto >= 0.2.7" in methods.get(
         "quanto-int4"
     ).unavailable("cpu")
+    monkeypatch.setattr(libraries.importlib.metadata, "version", lambda dist: "0.2.7")
+    assert methods.get("hqq-4bit").unavailable("cpu") == (
+        "hqq 0.2.7 is installed; qbench needs hqq >= 0.2.8: pip install 'qbench[hqq]'"
+    )
     monkeypatch.setattr(libraries.importlib.metadata, "version", lambda dist: "0.18.0.dev20260101+cu128")
     assert methods.get("torchao-int8wo").unavailable("cpu") is None
 
@@ -174,5 +180,71 @@ def test_quantized_and_left_unquantized_modules(name, monkeypatch):
 
     monkeypatch.setattr(type(m), "config", skipping)
     model = m.load(methods.LoadRequest(path, "cpu", "bf16"))
+    assert m.left_unquantized(model) == ["model.layers.1.mlp.down_proj"]
+    assert len(m.quantized_modules(model)) == 23
+
+
+# --- hqq: its own API until transformers' HqqConfig quantizes, then transformers' ------------------------------------
+
+
+def test_hqq_switches_to_transformers_hqqconfig_once_its_quantizer_works(monkeypatch):
+    """transformers 5.24's HQQ quantizer has no quantize operation, so hqq's own HQQLinear is used; a transformers
+    whose quantizer answers (simulated: ``get_quantize_ops`` patched) gets ``HqqConfig`` with the same settings.
+    Fails when ``load`` stops asking transformers (planted once: ``why = "planted"`` in ``load`` quantized with
+    hqq's own API after the patch too, and the test failed there)."""
+    from transformers import HqqConfig
+    from transformers.quantizers.quantizer_hqq import HqqHfQuantizer
+
+    from qbench.methods import hqq
+    from qbench.models import zoo
+
+    m = _installed("hqq-4bit")
+    calls = []
+
+    def fake_load(path, device, dtype, quantization_config=None, **kwargs):
+        calls.append(quantization_config)
+        return "model"
+
+    monkeypatch.setattr(hqq, "load_causal_lm", fake_load)
+    monkeypatch.setattr(type(m), "quantize", lambda self, model, dtype: calls.append(("hqq's own", dtype)))
+    req = methods.LoadRequest(zoo.resolve("glm-tiny"), "cpu", "bf16")
+    real = hqq.transformers_problem()
+    if real is not None:  # transformers 5.24: the loader raises "... is not available yet and will be supported soon"
+        assert "not available yet" in real
+        assert m.load(req) == "model" and calls == [None, ("hqq's own", torch.bfloat16)]
+        calls.clear()
+
+    monkeypatch.setattr(HqqHfQuantizer, "get_quantize_ops", lambda self: {}, raising=False)
+    assert hqq.transformers_problem() is None
+    assert m.load(req) == "model" and len(calls) == 1
+    (cfg,) = calls
+    assert isinstance(cfg, HqqConfig) and cfg.skip_modules == ["lm_head"]
+    wq = cfg.quant_config["weight_quant_params"]
+    assert (wq["nbits"], wq["group_size"], wq["axis"]) == (4, 64, 1)
+
+
+def test_hqq_quantizes_every_linear_but_lm_head_and_computes_in_bf16():
+    """glm-tiny's 24 linears become HQQLinear, lm_head stays a plain bf16 nn.Linear, the dequantized weights are
+    bf16; a projection put back in full precision is named by ``left_unquantized``."""
+    from hqq.core.quantize import HQQLinear
+
+    from qbench.models import zoo
+
+    m = _installed("hqq-8bit")
+    model = m.load(methods.LoadRequest(zoo.resolve("glm-tiny"), "cpu", "bf16"))
+    quantized = m.quantized_modules(model)
+    assert len(quantized) == 24 and "lm_head" not in quantized and m.left_unquantized(model) == []
+    head = model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.bfloat16
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, HQQLinear) and q.dequantize().dtype == torch.bfloat16
+    assert (q.meta["nbits"], q.meta["group_size"], q.meta["axis"]) == (8, 64, 1)
+    with torch.inference_mode():
+        assert model(input_ids=torch.arange(3, 11)[None]).logits.dtype == torch.bfloat16
+
+    down = model.get_submodule("model.layers.1.mlp.down_proj")
+    model.get_submodule("model.layers.1.mlp").down_proj = torch.nn.Linear(
+        down.in_features, down.out_features, bias=False, dtype=torch.bfloat16
+    )
     assert m.left_unquantized(model) == ["model.layers.1.mlp.down_proj"]
     assert len(m.quantized_modules(model)) == 23

@@ -55,8 +55,9 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
         "--keep-logits",
         choices=est.KEEP_LOGITS,
         default="last",
-        help="last: generation / speed loop (logits_to_keep=1, default); all: every position, "
-        "as quality scoring computes them",
+        help="last: generation keeping the last position's logits (logits_to_keep=1; ChatGLM/GLM-4 remote code; "
+        "default); prompt: a prefill keeping every prompt position's logits in the compute dtype (transformers "
+        "before 4.45, code that ignores logits_to_keep); all: quality scoring (logits + fp32 copy + log-softmax)",
     )
     p.add_argument(
         "--max-memory",
@@ -164,15 +165,21 @@ def _print(r: dict, console) -> None:
             "logits",
             r["logits_bytes"],
             f"keep {r['keep_logits']} (last {fmt_bytes(r['logits_last_bytes'])}, "
-            f"all positions {fmt_bytes(r['logits_full_bytes'])})",
+            f"prompt {fmt_bytes(r['logits_prompt_bytes'])}, all {fmt_bytes(r['logits_full_bytes'])})",
         ),
+        ("sampling", r["sampling_bytes"], "generate's fp32 copy of the last logits + one processed copy"),
         ("runtime overhead", r["overhead_bytes"], r["overhead_note"]),
     ]
     if r["checkpoint_pages_bytes"]:
         rows.append(("checkpoint pages", r["checkpoint_pages_bytes"], "memory-mapped checkpoint read while loading"))
     for name, size, note in rows:
         line(f"  {name:17} {fmt_bytes(size):>11}  {note}")
-    line(f"  {'run peak':17} {fmt_bytes(r['runtime_peak_bytes']):>11}")
+    steps = ", ".join(f"{name} {fmt_bytes(t['total'])}" for name, t in r["runtime_steps"].items())
+    line(
+        f"  {'run peak':17} {fmt_bytes(r['runtime_peak_bytes']):>11}  at {r['peak_step']}: overhead + weights + the "
+        f"largest step ({steps})"
+    )
+    line(f"  {'path':17} {'':>11}  {r['generation_path']}")
     line(f"  {'load peak':17} {fmt_bytes(r['load_peak_bytes']):>11}  {r['load_note']}")
     plan = r.get("plan")
     if plan:

@@ -26,6 +26,12 @@ out for the method analytically. The peak is the sum of
     group size ``g`` (128, else 96/64/32 dividing ``in``, else one group per row): ``n/2`` + scale and shift per
     group in bf16 (tinygemm, ``g`` = 128), else ``ceil(groups/2) * g`` + scale and shift per group in the compute
     dtype. Each ``QLinear`` adds two 0-d fp32 buffers (8 B, counted as side data of its weight).
+  - hqq (``HQQLinear``, group 64 along the flattened rows): ``n`` (8-bit) or ``n/2`` (4-bit) uint8 + scale and zero
+    per group in the compute dtype (``2 * n/64 * dtype``); a linear whose ``n`` is not a whole (4-bit: even) number
+    of groups stays unquantized. Scale, zero and bias are no parameters of the module; ``weights_bytes`` adds them.
+  - compressed-tensors (``ct-w4a16``, ``ct-w8a8``; a checkpoint's own ``quantization_config`` when it has one, see
+    :mod:`qbench.measure.compressed_tensors`): pack-quantized ``out * ceil(in * bits/32)`` int32 + scale per group in
+    the compute dtype + 16 B ``weight_shape``; int-quantized ``n`` int8 + scale per row; kept packed while running.
   - everything else (embeddings, norms, biases, lm_head, MoE router and fused experts) in the compute dtype;
     buffers in their own dtype (RoPE ``inv_freq`` is fp32).
 
@@ -36,10 +42,15 @@ out for the method analytically. The peak is the sum of
   layers run one after another, so only one layer's temporaries are alive), see :func:`activation_bytes`, plus
   LLM.int8's per-call temporaries and a method's weight-sized transient (a dequantized weight, bitsandbytes' CPU
   repacking), see :func:`weight_transient_bytes`.
-* **logits**: two figures. qbench's speed loop and ``generate`` keep the last position only (``logits_to_keep=1``):
-  ``batch * vocab * (dtype + 4)`` bytes. Quality scoring (and any forward that keeps every position) holds
-  ``batch * context * vocab * (dtype + 4 + 4)``: the logits, their fp32 copy and the fp32 log-softmax.
-  ``keep_logits`` chooses which one enters the peak.
+* **logits**, by generation path (``keep_logits``, :data:`GENERATION_PATHS`): ``last`` keeps the last position
+  only (``logits_to_keep=1``: qbench's speed loop, ``generate`` in transformers >= 4.45, and ChatGLM2/3 / GLM-4's own
+  ``trust_remote_code`` modelling, whose ``prepare_inputs_for_generation`` passes ``return_last_logit=True``):
+  ``batch * vocab * dtype``. ``prompt`` keeps every prompt position in the compute dtype, as ``generate`` did
+  before ``logits_to_keep`` and as modelling code that ignores it still does: ``batch * context * vocab * dtype``.
+  ``all`` is quality scoring (:func:`qbench.quality.drift.iter_logprobs`): every position, its fp32 copy and the
+  fp32 log-softmax, ``batch * context * vocab * (dtype + 4 + 4)``.
+* **sampling's temporaries**: ``generate`` copies the last position's logits to fp32 and a logits processor (or
+  softmax when sampling) makes one more fp32 copy: ``batch * vocab * 8`` (transformers 5.24 ``_sample``).
 * **runtime overhead**: on CPU the resident memory of the Python process that imported torch + transformers and
   ran a model (:data:`CPU_RUNTIME_BYTES`, measured); on CUDA the CUDA context with cuBLAS (:data:`CUDA_CONTEXT_BYTES`).
 
@@ -47,8 +58,13 @@ out for the method analytically. The peak is the sum of
   the dtype or quantizes, the pages read stay in RSS while the file is mapped (see :func:`load_phase`).
   Reclaimable page cache: they inflate RSS more than they risk an OOM.
 
-The runtime peak is ``overhead + retained checkpoint pages + weights + kv + activations + weight transient +
-logits``. The load peak is ``overhead + checkpoint pages + what is held while loading + a load transient``; the
+The runtime peak is ``overhead + retained checkpoint pages + weights`` plus the largest of what is alive together
+at each step of the run (:func:`runtime_steps`; a maximum over steps, not a sum of every term): inside the last
+decoder layer of the prefill (KV of the prompt, one layer's working set, a weight transient), at the output layer
+(KV, the final normed hidden states, the prefill's logits), choosing the first token (KV, the prefill's logits, the
+sampling temporaries), scoring (``all`` only: logits, fp32 copy, log-softmax) and each decode step (the full KV, the
+cache's per-layer concatenation copy, the last position's logits and sampling temporaries, a weight transient).
+The load peak is ``overhead + checkpoint pages + what is held while loading + a load transient``; the
 ChatGLM methods load the checkpoint unquantized in the compute dtype and then quantize in place, so on a GPU
 their load holds the whole unquantized model. ``predicted_peak_bytes`` is the larger of the two.
 
@@ -88,18 +104,36 @@ from qbench.measure.weights import (  # noqa: E402,F401
 SCHEMA = "qbench.estimate/1"
 MiB, GiB = 2**20, 2**30
 DEFAULT_CONTEXT, DEFAULT_BATCH, DEFAULT_NEW_TOKENS = 128, 1, 32  # qbench.run.workload.Workload's defaults
-# CPU process baseline: peak RSS of a fresh Python 3.11 process that imports torch 2.13.0 (CPU) + transformers 5.23
-# and qbench, loads glm-tiny (5.8 MB of weights) through qbench.methods and generates 128 + 32 tokens, minus
-# everything else this module predicts: 350-365 MiB over bf16/fp16/fp32/chatglm-int8/chatglm-int4 on a 2-core
-# x86-64 Linux box. It grows with the CPU thread count (per-thread stacks, oneDNN scratch) and library versions.
-CPU_RUNTIME_BYTES = 360 * MiB
+# CPU process baseline: peak RSS (VmHWM) of a fresh Python 3.11 process that imports torch 2.13.0 (CPU),
+# transformers 5.24 and qbench (qbench.methods imports every method family's library it finds: torchao, quanto, ...),
+# loads glm-tiny (5.8 MB of weights) through qbench.methods and generates 128 + 32 tokens (model.generate or qbench's
+# greedy loop: the same), minus everything else this module predicts: 399-404 MiB over bf16/fp16/fp32/chatglm-int8/
+# chatglm-int4 on a 2-core x86-64 Linux box (it was 350-365 MiB before the torchao/quanto method families were
+# installed). It grows with the CPU thread count (per-thread stacks, oneDNN scratch), library versions and the method
+# libraries installed.
+CPU_RUNTIME_BYTES = 402 * MiB
 # Loading through bitsandbytes (its import and CPU kernels) adds 45-70 MiB on the same box (403-424 MiB).
 CPU_BNB_IMPORT_BYTES = 50 * MiB
 # CUDA context: 287,047,680 bytes with lazy module loading (the default since PyTorch 1.13 on CUDA >= 11.7;
 # measured in pytorch/pytorch#86509, 667 MB without it), plus cuBLAS handle + workspace and the kernels a
 # transformer's first forward loads lazily (typically 100-250 MB): 512 MiB in all.
 CUDA_CONTEXT_BYTES = 512 * MiB
-KEEP_LOGITS = ("last", "all")
+# Peak bytes per weight of hqq 0.2.8 quantizing one linear on the CPU (fp32 working copies of its proximal solver):
+# measured 36.4 (8-bit) and 37.6 (4-bit) of peak RSS above a bf16 4096x2048 linear, rounded up.
+HQQ_SOLVER_BYTES_PER_WEIGHT = 38
+KEEP_LOGITS = ("last", "prompt", "all")
+# Which generation path each --keep-logits choice stands for (recorded in the estimate's JSON as generation_path).
+GENERATION_PATHS = {
+    "last": "generation keeping the last position's logits only: qbench's speed loop, transformers >= 4.45 generate "
+    "(logits_to_keep=1), ChatGLM2/3 and GLM-4 trust_remote_code generate (return_last_logit=True)",
+    "prompt": "generation whose prefill keeps every prompt position's logits in the compute dtype: transformers "
+    "generate before logits_to_keep (< 4.45), modelling code or loops that call the model without it",
+    "all": "quality scoring: every position's logits, their fp32 copy and fp32 log-softmax (qbench.quality.drift)",
+}
+# generate's per-step temporaries beside the logits it was handed (transformers 5.24 GenerationMixin._sample): the
+# last position copied to fp32 (`outputs.logits[:, -1].to(copy=True, dtype=torch.float32)`) and one more fp32
+# tensor of the same size from a logits processor or, when sampling, softmax: 4 + 4 bytes per vocabulary entry.
+SAMPLING_BYTES_PER_VOCAB = 4 + 4
 
 
 @dataclass(frozen=True)
@@ -140,10 +174,81 @@ def kv_cache_bytes(shape: Shape, tokens: int, batch: int, dtype_bytes: int) -> i
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
 
 
+def logits_bytes(shape: Shape, context: int, batch: int, dtype_bytes: int, keep_logits: str) -> int:
+    """The logits a prefill keeps (see the module docstring): last position, every prompt position, or scoring's
+    logits + fp32 copy + fp32 log-softmax."""
+    if keep_logits == "last":
+        return batch * shape.vocab * dtype_bytes
+    if keep_logits == "prompt":
+        return batch * context * shape.vocab * dtype_bytes
+    return batch * context * shape.vocab * (dtype_bytes + 4 + 4)
+
+
+def runtime_steps(
+    shape: Shape,
+    dtype_bytes: int,
+    context: int,
+    batch: int,
+    new_tokens: int,
+    keep_logits: str,
+    layer_extra: int = 0,
+    decode_extra: int = 0,
+) -> dict[str, dict[str, int]]:
+    """What is alive together, beyond the weights and the process overhead, at each step of a run: step → terms.
+
+    ``layer_extra``: a method's per-forward extras during the prefill (LLM.int8's temporaries, a dequantized weight);
+    ``decode_extra``: the same for a one-token forward. Each step's ``total`` is the sum of its terms; the runtime
+    peak takes the largest total. Where each term comes from:
+
+    * ``prefill_layer``: the last decoder layer of the prefill holds the KV of every layer for the prompt
+      (:func:`kv_cache_bytes`) and its own working set (:func:`activation_bytes`); earlier layers' temporaries are
+      gone (the layers run one after another).
+    * ``prefill_head``: the final norm's output (``batch * context * hidden * dtype``, alive while the output layer
+      runs on it or on its last position) and the logits the path keeps (:func:`logits_bytes`; for ``all``, the
+      compute-dtype logits only: the fp32 copies come after the forward).
+    * ``first_token``: the forward has returned (hidden states freed); its logits are alive while ``generate`` copies
+      the last position and picks the token (:data:`SAMPLING_BYTES_PER_VOCAB`).
+    * ``scoring`` (``all`` only): the output and its cache are dropped; logits, fp32 copy and log-softmax remain.
+    * ``decode``: the last step: the KV of ``context + new_tokens`` positions, one layer's cache again while
+      DynamicCache concatenates it (``torch.cat`` in ``DynamicLayer.update``), a one-token working set, the last
+      position's logits and sampling's temporaries.
+    """
+    b, d, v = batch, dtype_bytes, shape.vocab
+    kv_prompt = kv_cache_bytes(shape, context, batch, d)
+    kv_final = kv_cache_bytes(shape, context + new_tokens, batch, d)
+    kept = logits_bytes(shape, context, batch, d, keep_logits)
+    kept_forward = logits_bytes(shape, context, batch, d, "prompt") if keep_logits == "all" else kept
+    sampling = b * v * SAMPLING_BYTES_PER_VOCAB
+    steps = {
+        "prefill_layer": {
+            "kv_cache": kv_prompt,
+            "working_set": activation_bytes(shape, b * context, d),
+            "method_extra": layer_extra,
+        },
+        "prefill_head": {"kv_cache": kv_prompt, "final_hidden": b * context * shape.hidden * d, "logits": kept_forward},
+        "first_token": {"kv_cache": kv_prompt, "logits": kept_forward, "sampling": sampling},
+        "decode": {
+            "kv_cache": kv_final,
+            "kv_concat_copy": kv_final // shape.layers,
+            "working_set": activation_bytes(shape, b, d),
+            "method_extra": decode_extra,
+            "logits": b * v * d,
+            "sampling": sampling,
+        },
+    }
+    if keep_logits == "all":
+        steps["scoring"] = {"logits": kept}
+    for terms in steps.values():
+        terms["total"] = sum(terms.values())
+    return steps
+
+
 def activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
     """Peak working set of one decoder layer over ``tokens`` (= batch × sequence) positions, in bytes.
 
-    Alive throughout: the residual stream and the normed input (2 × T·H). On top, the larger of
+    Alive throughout: the residual stream and the normed input (2 × T·H); during the MLP a third T·H, because the
+    decoder loop (``hidden_states = layer(hidden_states, ...)``) holds the layer's input until the layer returns while
+    the layer has made its post-attention residual (measured: one GLM layer on CPU, 16k tokens). On top, the larger of
     the attention block: q/k/v projections and their RoPE'd copies 2 × T·(heads + 2·kv_heads)·head_dim, SDPA's
     output T·heads·head_dim and o_proj's T·H (no T×T scores: SDPA's flash / memory-efficient kernels);
     the MLP: gate_up 2·T·F, act(gate) and its product with up 2·T·F, down_proj's T·H (plus, for MoE, the router's
@@ -153,7 +258,7 @@ def activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
     t, s, d = tokens, shape, dtype_bytes
     stream = 2 * t * s.hidden * d
     attn = (2 * t * (s.heads + 2 * s.kv_heads) * s.head_dim + t * s.heads * s.head_dim + t * s.hidden) * d
-    mlp = (4 * t * s.ffn + t * s.hidden) * d
+    mlp = (4 * t * s.ffn + t * s.hidden + t * s.hidden) * d  # the last T·H: the layer's input, held by the caller
     if s.experts:
         mlp += t * s.hidden * d + t * s.experts_per_tok * (s.experts + 1) * 8  # zeros_like output + one-hot
     norm = 2 * t * s.hidden * 4
@@ -189,6 +294,17 @@ def weight_transient_bytes(fmt: WeightFormat, largest: tuple[int, int] | None, d
         if cuda or torch.backends.cpu.get_cpu_capability() == "AVX512":
             return 0, "int8 matmul kernel, no dequantized weight"
         return 4 * n, "bitsandbytes' CPU fallback multiplies in fp32 (weight.float())"
+    if fmt.scheme.startswith("hqq-"):
+        # hqq 0.2.8's Quantizer.dequantize: the unpacked weight, (W - zero), times scale, each in the compute dtype;
+        # measured peak RSS over one forward of a 4096x2048 HQQLinear in bf16: 6.2 n (4-bit), 4.0 n bytes (8-bit).
+        copies = 3 if fmt.bits == 4 else 2
+        return copies * n * fmt.dtype_bytes, "hqq dequantizes the whole weight into the compute dtype per forward"
+    if fmt.scheme == "compressed-tensors":
+        # qbench.methods.compressed_tensors dequantizes per call with compressed-tensors' decompressor (0.20, from its
+        # code): int4 unpacking makes a [out, in/2, 2] uint8 stack and the int8 values (n bytes each); dequantize
+        # casts them to the compute dtype and multiplies by the scales (two n * dtype tensors).
+        unpack = 2 * n if fmt.bits == 4 else 0
+        return unpack + 2 * n * fmt.dtype_bytes, "compressed-tensors dequantizes the weight per forward"
     return 0, "none"
 
 
@@ -280,9 +396,18 @@ def estimate(
     kv = kv_cache_bytes(shape, context + new_tokens, batch, d)
     act = activation_bytes(shape, batch * context, d) + linear_temporaries_bytes(fmt, largest, batch * context)
     transient, transient_note = weight_transient_bytes(fmt, largest, device)
-    logits_last = batch * shape.vocab * (d + 4)
-    logits_full = batch * context * shape.vocab * (d + 4 + 4)
-    logits = logits_full if keep_logits == "all" else logits_last
+    logits = logits_bytes(shape, context, batch, d, keep_logits)
+    steps = runtime_steps(
+        shape,
+        d,
+        context,
+        batch,
+        new_tokens,
+        keep_logits,
+        layer_extra=linear_temporaries_bytes(fmt, largest, batch * context) + transient,
+        decode_extra=linear_temporaries_bytes(fmt, largest, batch) + transient,
+    )
+    peak_step = max(steps, key=lambda name: steps[name]["total"])
     overhead, overhead_note = runtime_overhead(fmt, device)
     load = load_phase(config, fmt, table, device)
     if fmt.scheme == "chatglm" and _prequantized_bits(path_or_config) == fmt.bits:
@@ -295,7 +420,7 @@ def estimate(
             "retained_pages": 0,
             "note": "a prequantized ChatGLM checkpoint: its int weights load as stored, one tensor at a time",
         }
-    runtime = overhead + load["retained_pages"] + weights + kv + act + transient + logits
+    runtime = overhead + load["retained_pages"] + weights + steps[peak_step]["total"]
     load_peak = overhead + load["bytes"]
     peak = max(runtime, load_peak)
 
@@ -313,6 +438,7 @@ def estimate(
         "batch": batch,
         "new_tokens": new_tokens,
         "keep_logits": keep_logits,
+        "generation_path": GENERATION_PATHS[keep_logits],
         "parameters": sum(t.numel for t in tensors if t.kind != "buffer"),
         "quantized_linears": len(table.quantized),
         "weights_bytes": weights,
@@ -327,8 +453,12 @@ def estimate(
         "weight_transient_bytes": transient,
         "weight_transient_note": transient_note,
         "logits_bytes": logits,
-        "logits_last_bytes": logits_last,
-        "logits_full_bytes": logits_full,
+        "logits_last_bytes": logits_bytes(shape, context, batch, d, "last"),
+        "logits_prompt_bytes": logits_bytes(shape, context, batch, d, "prompt"),
+        "logits_full_bytes": logits_bytes(shape, context, batch, d, "all"),
+        "sampling_bytes": batch * shape.vocab * SAMPLING_BYTES_PER_VOCAB,
+        "runtime_steps": steps,
+        "peak_step": peak_step,
         "overhead_bytes": overhead,
         "overhead_note": overhead_note,
         "checkpoint_pages_bytes": load["pages"],
@@ -373,6 +503,8 @@ def load_phase(config: PretrainedConfig, fmt: WeightFormat, table: WeightTable, 
     n = largest[0] * largest[1] if largest else 0
     unquantized = sum(t.numel * fmt.dtype_bytes if t.kind != "buffer" else t.nbytes for t in table.tensors)
     stored = checkpoint_bytes(config, table)
+    if fmt.scheme in ("gptq", "awq", "fp8"):  # the checkpoint holds the quantized tensors as they load (no buffers)
+        stored = table.total - sum(t.nbytes for t in table.tensors if t.kind == "buffer")
     converts = stored is not None and stored != unquantized - sum(t.nbytes for t in table.tensors if t.kind == "buffer")
     quantizes = fmt.scheme != "none"
     pages = (stored or 0) if not device.startswith("cuda") and (converts or quantizes) else 0
@@ -385,6 +517,11 @@ def load_phase(config: PretrainedConfig, fmt: WeightFormat, table: WeightTable, 
         extra, note = n * (2 * fmt.dtype_bytes + 1), "ChatGLM methods load the checkpoint unquantized, then quantize"
     elif fmt.scheme.startswith("bnb"):
         extra, note = n * fmt.dtype_bytes, "bitsandbytes quantizes each weight from a compute-dtype copy while loading"
+    elif fmt.scheme.startswith("hqq-"):
+        # Loaded unquantized (as the ChatGLM methods are), then each linear replaced in turn while hqq's proximal
+        # solver works on fp32 copies of it (HQQ_SOLVER_BYTES_PER_WEIGHT).
+        held = unquantized if device.startswith("cuda") or converts else table.total
+        extra, note = HQQ_SOLVER_BYTES_PER_WEIGHT * n, "hqq loads the checkpoint unquantized, then quantizes"
     else:
         extra, note = 0, "weights load as they are kept"
     if pages:

@@ -4,7 +4,9 @@
 (``quant_state.absmax``, the nested double-quant state, the code book) and LLM.int8's row scales (``SCB``)
 as attributes of the parameter, so they are added here. torchao and optimum-quanto replace a weight with a tensor
 subclass that wraps the real storage (packed data, scales, zero points, shifts: ``__tensor_flatten__`` names them);
-its own ``numel() * element_size()`` is the unquantized size, so the wrapped tensors are counted instead.
+its own ``numel() * element_size()`` is the unquantized size, so the wrapped tensors are counted instead. hqq's
+``HQQLinear`` holds only its packed ``W_q`` as a parameter; its scale and zero (in its ``meta`` dict) and its bias
+(a plain attribute) are added here.
 
 Code books (``quant_map``, ``nested_quant_map``: 16- or 256-entry lookup tables) are counted once per
 distinct content: whether bitsandbytes hands two layers the same table object or two equal copies depends on
@@ -46,4 +48,10 @@ def weights_bytes(model) -> int:
             for k, v in state.as_dict(packed=False).items():
                 add(v, code_book=k.endswith("quant_map"))
         add(getattr(p, "SCB", None))
+    for m in model.modules():  # hqq's HQQLinear: scale and zero in its meta dict, the bias a plain tensor attribute
+        meta = getattr(m, "meta", None)
+        if isinstance(meta, dict) and torch.is_tensor(getattr(m, "W_q", None)):
+            for v in meta.values():
+                add(v)
+            add(getattr(m, "bias", None))
     return total

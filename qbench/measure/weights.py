@@ -32,11 +32,13 @@ class WeightFormat:
     method: str
     compute_dtype: str  # bf16 | fp16 | fp32
     # none | bnb-4bit | bnb-int8 | chatglm | torchao-int8 | torchao-int4 | torchao-int4-tinygemm | torchao-float8 |
-    # quanto-int8 | quanto-int4 | quanto-float8
+    # quanto-int8 | quanto-int4 | quanto-float8 | hqq-4bit | hqq-8bit | compressed-tensors
     scheme: str
     bits: int = 16
     double_quant: bool = False
-    group_size: int | None = None  # input columns per scale (torchao int4); None: per row, or the library's choice
+    # input columns per scale (torchao int4; hqq: weights per group of the flattened rows); None: per row, or the
+    # library's choice
+    group_size: int | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -60,6 +62,10 @@ def weight_format(method: str, compute_dtype: str | None = None, device: str = "
         return WeightFormat(method, dtype, "bnb-int8", 8)
     if m.family == "chatglm":
         return WeightFormat(method, dtype, "chatglm", m.bits)
+    if m.family in ("gptq", "awq", "fp8"):  # the checkpoint's quantization_config fixes the rest (weight_table)
+        return WeightFormat(method, dtype, m.family)
+    if m.family == "compressed-tensors":  # a user's checkpoint's quantization_config, else the method's (weight_table)
+        return WeightFormat(method, dtype, m.family, m.weight_bits, group_size=m.group_size)
     if m.family in ("torchao", "quanto"):
         if (why := m.unavailable("cpu")) is not None:  # its quantizer decides which linears it takes
             raise UsageError(f"--method {method}: {why}")
@@ -67,6 +73,8 @@ def weight_format(method: str, compute_dtype: str | None = None, device: str = "
         if scheme == "torchao-int4" and device.startswith("cuda"):
             scheme = "torchao-int4-tinygemm"
         return WeightFormat(method, dtype, scheme, m.bits, group_size=getattr(m, "group_size", None))
+    if m.family == "hqq":
+        return WeightFormat(method, dtype, f"hqq-{m.bits}bit", m.bits, group_size=m.group_size)
     raise UsageError(
         f"--method {method}: the estimate has no size model for the {m.family} family; "
         "add one to qbench/measure/estimate.py"
@@ -114,6 +122,8 @@ def quantized_linear_bytes(fmt: WeightFormat, out_features: int, in_features: in
         # WeightQBitsTensor: rows of `group` values (or whole rows), two rows per byte row; scale and shift per row
         rows, cols = (n // group, group) if group else (out_features, in_features)
         return -(-rows // 2) * cols, 2 * rows * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
+    if fmt.scheme in ("hqq-4bit", "hqq-8bit"):  # HQQLinear: uint8 W_q (two 4-bit values a byte), scale+zero per group
+        return n * fmt.bits // 8, 2 * (n // fmt.group_size) * fmt.dtype_bytes
     raise ValueError(f"{fmt.scheme} quantizes no linear")
 
 
@@ -203,6 +213,8 @@ def _quantized_linears(model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
 
     from qbench import methods
 
+    if fmt.scheme.startswith("hqq-"):  # the method's own choice, asked by its loading too
+        return methods.get(fmt.method).targets(model)
     original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     method = methods.get(fmt.method)
     if fmt.scheme.startswith("torchao-"):  # the module stays an nn.Linear: ask the quantizer about each weight
@@ -262,11 +274,16 @@ def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
     model = meta_model(config, fmt.compute_dtype)
     tensors = [(n, t, "param") for n, t in model.named_parameters()]
     tensors += [(n, t, "buffer") for n, t in model.named_buffers()]
-    quantized = _quantized_linears(model, fmt)  # may replace modules in `model`; `tensors` keeps the originals
+    prequantized = _prequantized(config, fmt)  # gptq/awq/fp8: the layout the checkpoint's quantization_config says
+    # _quantized_linears may replace modules in `model`; `tensors` keeps the originals
+    quantized = prequantized.quantized_linears(model) if prequantized else _quantized_linears(model, fmt)
     out, books = [], code_book_bytes(fmt)
     for name, t, kind in tensors:
         module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight":
+        if module in quantized and leaf == "weight" and prequantized is not None:
+            data, side = prequantized.module_bytes(module, *quantized[module])
+            out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
+        elif module in quantized and leaf == "weight":
             data, side = quantized_linear_bytes(fmt, *quantized[module])
             side, books = side + books, 0  # the code books go with the first quantized linear
             out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
@@ -278,6 +295,26 @@ def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
         else:
             out.append(TensorBytes(name, t.numel() * t.element_size(), kind, 0, t.numel()))
     return WeightTable(out, quantized)
+
+
+def _prequantized(config: PretrainedConfig, fmt: WeightFormat):
+    """For a method that loads a pre-quantized checkpoint (gptq, awq, fp8): the layout its quantization_config
+    describes (:mod:`qbench.measure.prequantized`); None for every other method."""
+    from qbench.measure import prequantized
+
+    if fmt.scheme == "compressed-tensors":  # ct-w4a16, ct-w8a8: qbench.measure.compressed_tensors
+        from qbench import methods
+        from qbench.measure import compressed_tensors
+
+        return compressed_tensors.layout(methods.get(fmt.method), config, fmt.dtype_bytes)
+    if fmt.scheme not in prequantized.QUANT_METHODS:
+        return None
+    from qbench import methods
+    from qbench.methods.prequantized import quantization_config
+
+    method = methods.get(fmt.method)  # a config without its own: the recipe of the checkpoint qbench ships (gptq)
+    shipped = [quantization_config(method.shipped_root / f) for f in getattr(method, "shipped", {}).values()]
+    return prequantized.from_config(fmt.scheme, config, default=next(filter(None, shipped), None))
 
 
 # ----------------------------------------------------------------------------------------------------- runtime terms

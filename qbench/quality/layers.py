@@ -79,7 +79,10 @@ def layer_errors(model, names: list[str], checkpoint: Path, ids: torch.Tensor) -
             h.remove()
     errors = {}
     for name, (x, y) in captured.items():
-        w = index.get(f"{name}.weight").float().to(x.device)
+        w = index.get(f"{name}.weight")
+        if not w.is_floating_point():  # a pre-quantized checkpoint's int8 weight (compressed-tensors int-quantized):
+            continue  # no full-precision weight to compare with here
+        w = w.float().to(x.device)
         b = index.get(f"{name}.bias")
         ref = F.linear(x.float(), w, None if b is None else b.float().to(x.device))
         errors[name] = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()

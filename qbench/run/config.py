@@ -20,10 +20,12 @@ from qbench.run.workload import Workload
 
 DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
 # The drift gate's matrix (pytest -m drift, `qbench baseline noise`): every built-in method that runs on a CPU.
-# Those of an optional library (torchao, optimum-quanto) are skipped with the reason where it is not installed.
+# Those of an optional library (torchao, optimum-quanto, hqq) are skipped with the reason where it is not installed.
 DRIFT_METHODS = (
     *("bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8", "chatglm-int8", "chatglm-int4"),
     *("torchao-int8wo", "torchao-int4wo", "torchao-fp8wo", "quanto-int8", "quanto-int4", "quanto-fp8"),
+    *("hqq-4bit", "hqq-8bit"),
+    *("ct-w4a16", "ct-w8a8"),  # pre-quantized: glm-tiny's shipped compressed-tensors checkpoints
 )
 
 # --method also takes a group: "all" (every registered method), "drift" (DRIFT_METHODS) or a family's name

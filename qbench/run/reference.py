@@ -59,6 +59,15 @@ def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> N
             "weights and drift shows the compute path only; pass --reference-model FULL_PRECISION_DIR to see the "
             "quantization's own drift",
         )
+    from qbench.methods.prequantized import quant_method, quantization_config
+
+    if (qm := quant_method(quantization_config(ctx.reference_path))) is not None:
+        progress(
+            f"{ctx.name} reference",
+            f"note: the checkpoint is pre-quantized ({qm}), so the reference is its own quantized weights and drift "
+            "shows the compute path only; pass --reference-model FULL_PRECISION_DIR to see the quantization's own "
+            "drift",
+        )
     progress(f"{ctx.name} reference", f"loading {cfg.reference}")
     plan = device_plan(ctx.reference_path, cfg.reference, cfg, method.default_compute_dtype) if cfg.device_map else None
     model = load_model(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)

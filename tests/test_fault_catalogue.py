@@ -273,6 +273,7 @@ def _case_processes(tag: bytes) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_case_faults_each_become_one_error_and_keep_earlier_results(world, tmp_path):
     """A case that segfaults, aborts, runs out of memory under --case-memory-limit or hangs past --case-timeout:
     each is that case's error verdict naming what happened and the fix; the earlier results stay in the file."""
@@ -307,6 +308,7 @@ def test_case_faults_each_become_one_error_and_keep_earlier_results(world, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "how, code",
     [("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", 128 + signal.SIGINT), ("SIGKILL", -signal.SIGKILL)],

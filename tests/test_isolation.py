@@ -12,6 +12,9 @@ import pytest
 from qbench.cli import main
 
 TESTS = Path(__file__).parent
+# Every test here runs whole CLI runs with case processes (planted crashes, hangs, signals): minutes on 2 cores.
+pytestmark = pytest.mark.processes
+
 FAST = ["--repeat", "1", "--new-tokens", "2", "--context", "8"]
 
 

@@ -118,6 +118,7 @@ def test_unknown_kernel_set_is_bad_input():
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.skipif(not X86, reason="the sweep forces x86 kernel sets")
 def test_noise_sweep_runs_each_kernel_set_in_its_own_process(tmp_path, capsys):
     from qbench.cli import EXIT_OK, main

@@ -264,6 +264,7 @@ print(zoo.resolve("glm4-tiny"))
 """
 
 
+@pytest.mark.processes
 def test_concurrent_zoo_builds_are_atomic(tmp_path):
     from safetensors import safe_open
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["pytester"]
+# Every test here starts pytest-xdist workers in subprocesses: about 80 s on 2 cores together.
+pytestmark = pytest.mark.processes
 
 RECORD_PIN = """
 import json, os, pathlib

@@ -70,6 +70,16 @@ def test_framework_cost_growth_fails_even_when_decode_speed_holds(tmp_path):
     assert len(reasons) == 1 and reasons[0].startswith("generate's own cost per token 2.5 ms vs baseline 0.4 ms")
 
 
+def test_a_negative_baseline_cost_counts_as_zero(tmp_path):
+    """A baseline recorded on a loaded machine once stored -88.8 ms (a difference of two noisy timings): compared as
+    is, every later run was +90 ms "slower". Planted: dropping the clamp fails the first assertion."""
+    perf.write(tmp_path, _with_gap(-88.8), {}, "cpu")
+    stored = perf.load(tmp_path, "cpu")
+    assert perf.gate(_with_gap(0.9), {}, "cpu", stored, "m") == ([], None)
+    reasons, _ = perf.gate(_with_gap(1.5), {}, "cpu", stored, "m")
+    assert len(reasons) == 1 and "+1.5 ms > 1 allowed" in reasons[0]
+
+
 def test_a_baseline_timed_on_the_other_path_is_not_compared(stored):
     # `stored` predates generate timing (no "path"): comparing generate's tok/s with the bare loop's would be wrong.
     reasons, note = perf.gate(_with_gap(0.4, decode=100.0), {}, "cpu", stored, "m")

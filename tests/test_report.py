@@ -66,8 +66,8 @@ def test_plot_points_are_quality_size_and_speed(results):
     doc["cases"].append({**doc["cases"][0], "id": "m-x-cpu", "method": "x", "status": "error", "quality": None})
     pts = points(doc)
     assert [(p.label, p.weights_mib, p.kld_mean, p.ppl_ratio, p.decode_tok_s) for p in pts] == [
-        ("m bf16", 5.5, 0.0, 1.0, 350.0),
-        ("m bnb-nf4", 2.3, 3e-4, 1 + 3e-4, 330.0),
+        ("bf16", 5.5, 0.0, 1.0, 350.0),
+        ("bnb-nf4", 2.3, 3e-4, 1 + 3e-4, 330.0),
     ]
 
 

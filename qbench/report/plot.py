@@ -18,7 +18,7 @@ KLD_FLOOR = 1e-7  # where a KLD of 0 (the reference itself) is drawn on the log 
 
 @dataclass(frozen=True)
 class Point:
-    label: str  # "model method"
+    label: str  # "model method" ("method" when every case is of one model)
     weights_mib: float
     kld_mean: float
     ppl_ratio: float | None
@@ -28,14 +28,14 @@ class Point:
 def points(results: dict) -> list[Point]:
     """One point per case that has quality and footprint figures (errored and skipped cases have neither)."""
     out = []
+    one_model = len({c["model"] for c in results["cases"]}) == 1  # then the labels name the method alone
     for c in results["cases"]:
         q, fp = c.get("quality"), c.get("footprint")
         if not q or not fp:
             continue
         tok = (c.get("perf") or {}).get("decode_tok_s", {}).get("mean")
-        out.append(
-            Point(f"{c['model']} {c['method']}", fp["weights_bytes"] / 2**20, q["kld_mean"], q.get("ppl_ratio"), tok)
-        )
+        label = c["method"] if one_model else f"{c['model']} {c['method']}"
+        out.append(Point(label, fp["weights_bytes"] / 2**20, q["kld_mean"], q.get("ppl_ratio"), tok))
     return out
 
 

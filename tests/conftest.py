@@ -79,3 +79,17 @@ def _deprecations_from_qbench_are_errors():
     warnings.warn = strict_warn
     yield
     warnings.warn = real_warn
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """``without("torchao")``: from now on qbench's import check (``qbench.methods.libraries.find_spec``) finds no
+    such module, so an optional library's absence is simulated whether or not it is installed."""
+    from qbench.methods import libraries
+
+    real = libraries.find_spec
+
+    def hide(*modules: str) -> None:
+        monkeypatch.setattr(libraries, "find_spec", lambda name: None if name in modules else real(name))
+
+    return hide

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from ports import free_port
 
 from qbench.cli import main
 from qbench.errors import UsageError
@@ -298,14 +299,6 @@ def test_url_is_normalized_and_bad_urls_are_usage_errors():
     for bad in ("127.0.0.1:8000", "ftp://x", "http://u:p@h", "http://h/?a=1"):
         with pytest.raises(UsageError):
             normalize_url(bad)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_unreachable_server_exits_2_quickly(capsys):

@@ -15,7 +15,7 @@ import torch
 
 from qbench import methods
 from qbench.cli import main
-from qbench.methods import gptq, libraries
+from qbench.methods import gptqmodel_checkpoints, libraries
 from qbench.models import zoo
 
 GPTQ_DIR = zoo.DATA_DIR / "glm-tiny-gptq"
@@ -37,18 +37,8 @@ def present(monkeypatch):
     return show
 
 
-@pytest.fixture
-def absent(monkeypatch):
-    real = libraries.find_spec
-
-    def hide(*modules: str) -> None:
-        monkeypatch.setattr(libraries, "find_spec", lambda name: None if name in modules else real(name))
-
-    return hide
-
-
-def test_gptq_and_awq_need_gptqmodel_and_name_its_extra(absent):
-    absent("gptqmodel")
+def test_gptq_and_awq_need_gptqmodel_and_name_its_extra(without):
+    without("gptqmodel")
     for device in ("cpu", "cuda", "cuda:1"):
         assert methods.get("gptq").unavailable(device) == "gptqmodel is not installed: pip install 'qbench[gptqmodel]'"
     for device in ("cuda", "cuda:1"):
@@ -67,7 +57,7 @@ def test_gptq_runs_on_cpu_and_cuda_awq_on_cuda_only(present):
     )
 
 
-def test_fp8_is_cuda_only_with_the_reason(present, absent, monkeypatch):
+def test_fp8_is_cuda_only_with_the_reason(present, without, monkeypatch):
     """On a CPU (or a GPU below compute capability 8.9) transformers would load the FP8 checkpoint as bf16: the
     reason says so whether or not the kernels package is there; on a capable GPU it is the kernels package."""
     fp8 = methods.get("fp8")
@@ -81,12 +71,12 @@ def test_fp8_is_cuda_only_with_the_reason(present, absent, monkeypatch):
     assert fp8.unavailable("cuda:0").startswith("fp8 needs compute capability >= 8.9; cuda:0 has 8.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8.unavailable("cuda:0") is None
-    absent("kernels")
+    without("kernels")
     assert fp8.unavailable("cuda:0") == "kernels is not installed: pip install 'qbench[fp8]'"
 
 
-def test_listing_shows_the_three_with_their_reasons(absent, capsys):
-    absent("gptqmodel", "kernels")
+def test_listing_shows_the_three_with_their_reasons(without, capsys):
+    without("gptqmodel", "kernels")
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
@@ -104,7 +94,7 @@ def test_glm_tiny_means_the_shipped_gptq_checkpoint_in_gptqmodels_layout():
     tiny = zoo.resolve("glm-tiny")
     assert m.checkpoint_for(tiny) == GPTQ_DIR
     assert m.checkpoint_problem(tiny) is None
-    assert gptq.splits_fused_mlp(GPTQ_DIR) and not gptq.splits_fused_mlp(tiny)
+    assert gptqmodel_checkpoints.splits_fused_mlp(GPTQ_DIR) and not gptqmodel_checkpoints.splits_fused_mlp(tiny)
 
 
 def test_checkpoints_a_method_cannot_read_are_refused_with_the_fix(tmp_path):

@@ -33,17 +33,6 @@ MISSING = {
 }
 
 
-@pytest.fixture
-def without(monkeypatch):
-    """``without("torchao")``: from now on the import check finds no such module."""
-    real = libraries.find_spec
-
-    def hide(*modules: str) -> None:
-        monkeypatch.setattr(libraries, "find_spec", lambda name: None if name in modules else real(name))
-
-    return hide
-
-
 def test_every_method_answers_and_the_built_in_ones_always_run():
     for name in methods.names():
         why = methods.get(name).unavailable("cpu")

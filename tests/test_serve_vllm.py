@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from qbench.models import zoo
 from qbench.run.config import RunConfig
@@ -33,14 +33,6 @@ pytestmark = [
         reason="needs a vLLM environment: set QBENCH_VLLM_PYTHON to its python (`nox -s serve-vllm` makes one)",
     ),
 ]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

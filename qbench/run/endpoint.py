@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import statistics
 import time
 import traceback
@@ -71,8 +72,9 @@ class EndpointConfig:
     url: str
     served_model: str | None = None
     expect: str = "unquantized"
-    concurrency: tuple[int, ...] = (1, 4)
-    requests: int = 8  # timed streamed requests per concurrency level
+    # Concurrency levels as serving benchmarks sweep them (vLLM's serving benchmark, genai-perf): one user, a few, many.
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    requests: int = 16  # timed streamed requests per level: at 16 every request is in flight at once
     request_timeout_s: float = 120.0
     retries: int = 2
     served_device: str | None = None  # label of the device the server runs on (keys the perf baseline)
@@ -81,6 +83,9 @@ class EndpointConfig:
     # Engine drift: also score the same checkpoint in-process with this method (fp32, bf16, ...) and judge the
     # served log-probs against it, a verdict line of its own (an engine's kernels can drift on their own).
     engine_drift: str | None = None
+    # NAME or NAME/VERSION: the engine's label where the server does not say (transformers serve lists no models and
+    # has no /version); keys the perf baseline.
+    engine: str | None = None
 
     def validate(self) -> None:
         if self.expect not in EXPECT:
@@ -91,6 +96,13 @@ class EndpointConfig:
             methods.get(self.engine_drift)  # an unknown name is a UsageError naming the known ones
         if self.engine_drift and self.speed_only:
             raise UsageError("--engine-drift needs the server's log-probs: drop --speed-only")
+        if self.engine is not None and not re.fullmatch(r"[^/\s]+(/[^/\s]+)?", self.engine):
+            raise UsageError(f"--engine {self.engine!r}: give NAME or NAME/VERSION, e.g. transformers/5.19.0")
+        if any(c > self.requests for c in self.concurrency):
+            raise UsageError(
+                f"--concurrency {max(self.concurrency)} is more than --requests {self.requests}: that level would "
+                "never have that many requests in flight; raise --requests or lower --concurrency"
+            )
 
 
 def case_id(model: str) -> str:
@@ -248,8 +260,15 @@ def preflight(client: Client, ep: EndpointConfig) -> tuple[str, dict]:
     try:
         models = client.models()
     except EndpointError as e:
-        if e.kind == HTTP and any(f"HTTP {c} " in str(e) for c in (401, 403)):
+        auth = e.kind == HTTP and any(f"HTTP {c} " in str(e) for c in (401, 403))
+        if e.kind == HTTP and not auth and ep.served_model is not None:
+            # transformers serve answers /v1/models with HTTP 500 where the hub cache directory does not exist yet;
+            # the name given is used as it is, and the requests themselves tell whether it is served.
+            return ep.served_model, engine_label(ep, client, None)
+        if auth:
             fix = "set $QBENCH_API_KEY (or $OPENAI_API_KEY) to the server's API key"
+        elif e.kind == HTTP:
+            fix = "its model list failed: pass --served-model NAME to skip the listing, or check the server's log"
         else:
             fix = (
                 "start the server first (vLLM: python -m vllm.entrypoints.openai.api_server --model DIR) or fix the URL"
@@ -257,7 +276,7 @@ def preflight(client: Client, ep: EndpointConfig) -> tuple[str, dict]:
         raise UsageError(f"--endpoint {client.base}: {e}; {fix}") from None
     names = [m["id"] for m in models]
     if not names and ep.served_model is not None:  # transformers serve lists only its cache; trust the name given
-        return ep.served_model, {"name": "unknown", "version": client.version() or "unknown"}
+        return ep.served_model, engine_label(ep, client, None)
     if ep.served_model is not None and ep.served_model not in names:
         raise UsageError(
             f"--served-model {ep.served_model}: not served at {client.base}; it serves {', '.join(names) or 'nothing'}"
@@ -268,7 +287,17 @@ def preflight(client: Client, ep: EndpointConfig) -> tuple[str, dict]:
         )
     served = ep.served_model or names[0]
     owner = next((m.get("owned_by") for m in models if m["id"] == served), None)
-    return served, {"name": str(owner or "unknown"), "version": client.version() or "unknown"}
+    return served, engine_label(ep, client, owner)
+
+
+def engine_label(ep: EndpointConfig, client: Client, owner) -> dict:
+    """{name, version}: --engine's parts where given, else what the server says (vLLM: /v1/models' owned_by and
+    /version), else "unknown"."""
+    name, _, version = (ep.engine or "").partition("/")
+    return {
+        "name": name or str(owner or "unknown"),
+        "version": version or client.version() or "unknown",
+    }
 
 
 def default_served_device(base: str) -> str | None:
@@ -515,8 +544,6 @@ def _inverse(s: dict, scale: float) -> dict:
 
 
 def perf_path(cfg: RunConfig, model: str, engine: dict, device: str):
-    import re
-
     key = re.sub(r"[^a-z0-9.]+", "-", f"{engine['name']}-{engine['version']}-{device}".lower()).strip("-")
     return cfg.baselines / model / METHOD / f"perf-{key}.json"
 

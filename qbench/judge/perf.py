@@ -141,7 +141,7 @@ def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> t
         )
     reasons = []
     for key, drop in TOK_S_DROP.items():
-        now, then = perf[key]["mean"], baseline[key]["mean"]
+        now, then = center(perf[key], baseline[key])
         if now < then * (1 - drop):
             reasons.append(
                 f"{key} {now:.4g} vs baseline {then:.4g} for {label}: {1 - now / then:.0%} slower > {drop:.0%} allowed"
@@ -157,10 +157,16 @@ def gate(perf: dict, memory: dict, device: str, baseline: dict, label: str) -> t
     return reasons, None
 
 
+def center(now: dict, then: dict) -> tuple[float | None, float | None]:
+    """The figures the gate compares: the medians of the timed runs where both sides have one (a run and a baseline
+    recorded since qbench stored them), else the means of both, so that like is compared with like."""
+    key = "median" if now.get("median") is not None and then.get("median") is not None else "mean"
+    return now.get(key), then.get(key)
+
+
 def framework_regression(perf: dict, baseline: dict, label: str) -> str | None:
     """generate's per-step cost beyond the bare model's grew past FRAMEWORK_GROWTH_*: the framework got slower."""
-    now, then = (perf.get("framework_ms_per_token") or {}).get("mean"), (baseline.get("framework_ms_per_token") or {})
-    then = then.get("mean")
+    now, then = center(perf.get("framework_ms_per_token") or {}, baseline.get("framework_ms_per_token") or {})
     if now is None or then is None:
         return None
     # The cost is a difference of two timings taken in alternating runs; on a loaded machine a baseline can come out

@@ -24,11 +24,17 @@ from dataclasses import dataclass
 
 
 def stat(samples: list[float]) -> dict:
-    """``{mean, std, n}`` as the results JSON stores every timing (std is the sample std; 0 for n=1)."""
+    """``{mean, std, n, median}`` as the results JSON stores every timing (std is the sample std; 0 for n=1). The
+    perf gate compares medians: one run slowed by a neighbour on a shared CPU moves the mean, not the median."""
     n = len(samples)
     if n == 0:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": statistics.fmean(samples), "std": statistics.stdev(samples) if n > 1 else 0.0, "n": n}
+        return {"mean": math.nan, "std": math.nan, "n": 0, "median": math.nan}
+    return {
+        "mean": statistics.fmean(samples),
+        "std": statistics.stdev(samples) if n > 1 else 0.0,
+        "n": n,
+        "median": statistics.median(samples),
+    }
 
 
 @dataclass
@@ -178,7 +184,7 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 class _Figures:
-    """Per-run speed figures of one path, summarized as ``{mean, std, n}`` each."""
+    """Per-run speed figures of one path, summarized as ``{mean, std, n, median}`` each."""
 
     def __init__(self) -> None:
         self.prefill, self.decode, self.ttft, self.p50, self.p90, self.step_ms = [], [], [], [], [], []
@@ -207,7 +213,7 @@ def measure_speed(
 ) -> dict:
     """Prefill tok/s, decode tok/s, TTFT and per-token latency p50/p90 through ``generate`` (the primary figures)
     and through the bare model (``model_only``), over ``repeat`` alternating runs of each after ``warmup`` untimed
-    ones; each as ``{mean, std, n}``. ``framework_ms_per_token`` is generate's extra time per decode step."""
+    ones; each as ``{mean, std, n, median}``. ``framework_ms_per_token`` is generate's extra time per decode step."""
     for _ in range(warmup):
         generate_timed(model, input_ids, new_tokens, logits_processors)
         greedy_generate(model, input_ids, new_tokens)

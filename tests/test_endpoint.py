@@ -485,3 +485,23 @@ def test_bad_engine_label_or_concurrency_exits_2(fake, server, capsys, args, mes
     assert main(["run", "--endpoint", server[1], "--model", NAME, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and fake.requests == 0
+
+
+@pytest.mark.slow  # an in-process case and a served one (30-40 s on 2 idle cores)
+def test_in_process_and_served_cases_sit_side_by_side(fake, server, baselines, tmp_path, capsys):
+    """One results file, two runs: the in-process fp32 case and the served case of the same model, with the same
+    run settings, end up in the same file and the same report table, under the results contract's perf names.
+    (Planted: the served run writing its own document over the file left only the endpoint case; this failed.)"""
+    out = tmp_path / "both.json"
+    common = ["--model", NAME, "--baselines", str(baselines), "--json", str(out), "--repeat", "1"]
+    assert main(["run", "--method", "fp32", "--in-process", *common]) == 0
+    served = ["--endpoint", server[1], "--concurrency", "1", "--requests", "2"]
+    assert main(["run", *served, *common]) == 0
+    capsys.readouterr()
+    cases = {c["method"]: c for c in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {"fp32", "endpoint"}
+    for case in cases.values():
+        assert case["perf"]["decode_tok_s"]["mean"] > 0 and case["perf"]["prefill_tok_s"]["mean"] > 0
+    assert main(["report", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if NAME in line]
+    assert any("fp32" in r for r in rows) and any("endpoint" in r for r in rows), rows

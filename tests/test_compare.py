@@ -66,7 +66,8 @@ def test_greedy_changes_only_count_away_from_near_ties(run_a):
 def test_slower_decoding_weights_and_errors_are_caught(run_a):
     b = copy.deepcopy(run_a)
     case = _by_method(b, "chatglm-int4")
-    case["perf"]["decode_tok_s"]["mean"] *= 0.4  # 60% slower > the 50% allowed (perf.TOK_S_DROP)
+    for key in ("mean", "median"):  # every run 60% slower > the 50% allowed (perf.TOK_S_DROP): both figures move
+        case["perf"]["decode_tok_s"][key] *= 0.4
     case["footprint"]["weights_bytes"] += 1
     verdict, reasons = _verdicts(run_a, b)["chatglm-int4"]
     assert verdict == CHANGED

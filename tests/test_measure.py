@@ -42,8 +42,9 @@ def test_measure_speed_fields(tiny):
 
 
 def test_stat():
-    assert stat([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "n": 2}
-    assert stat([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    assert stat([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "n": 2, "median": 2.0}
+    assert stat([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1, "median": 4.0}
+    assert stat([1.0, 2.0, 30.0])["median"] == 2.0  # one slow outlier does not move it
     assert stat([])["n"] == 0
 
 

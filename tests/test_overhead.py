@@ -42,13 +42,16 @@ def test_decode_overhead_against_bare_loop(benchmark):
     ratios = []
 
     def pairs():
-        for _ in range(9):  # interleaved, so drift of the machine hits both sides alike
+        for _ in range(15):  # interleaved, so drift of the machine hits both sides alike
             ours = measure_speed(model, ids, NEW_TOKENS, repeat=1, warmup=0)["model_only"]["decode_tok_s"]["mean"]
             ratios.append(ours / _bare_decode_tok_s(model, ids))
 
     benchmark.pedantic(pairs, rounds=1, iterations=1)
     ratio = statistics.median(ratios)
     benchmark.extra_info["qbench_over_bare_decode"] = ratio
-    # The goal is within 2%. On 2 shared cores two identical loops differ by a few percent from run
-    # to run, so the default run asserts 5%; `nox -s bench` (an idle machine) holds it to 2%.
-    assert ratio >= (0.95 if benchmark.disabled else 0.98), ratios
+    # The goal is within 2%; `nox -s bench` (an idle machine) holds it to that. In the default run the
+    # machine is whatever CI hands out: on the 2-core Xeon single pairs ranged 0.64-1.65 and the median of 9 pairs
+    # 0.92-1.05 in isolated runs, and 0.914 once deep in a full suite (pairs 0.81-1.00). So the default run asserts
+    # 10%, over 15 pairs: still short of what a per-step cost in the loop does on glm-tiny (~5 ms a step: a
+    # 1 ms sleep planted at each stamp of the loop measured 0.81 and fails).
+    assert ratio >= (0.90 if benchmark.disabled else 0.98), ratios

@@ -321,14 +321,31 @@ def test_stopping_the_runner_loses_nothing(world, tmp_path, how, code):
     shutil.copy(earlier, results)
     argv = ["run", *FAST, "--method", "bf16", "--method", "fault-hang", "--json", str(results)]
     argv += ["--baselines", str(shipped)]
-    proc = subprocess.Popen(_qbench(*argv), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell starts with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: the runner would sit out the hanging case. Ctrl-C is what this row is about, so the runner gets
+    # SIGINT's default back (Python then installs its KeyboardInterrupt handler), however the tests were started.
+    proc = subprocess.Popen(
+        _qbench(*argv),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     tag = f"qbench-cases-{proc.pid}-".encode()  # the runner's scratch folder, in its case processes' job paths
-    deadline = time.monotonic() + 300
-    while not _case_processes(tag):
-        assert time.monotonic() < deadline and proc.poll() is None, "the hanging case never started"
-        time.sleep(0.5)
-    os.kill(proc.pid, getattr(signal, how))
-    out, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 300
+        while not _case_processes(tag):
+            assert time.monotonic() < deadline and proc.poll() is None, "the hanging case never started"
+            time.sleep(0.5)
+        os.kill(proc.pid, getattr(signal, how))
+        out, err = proc.communicate(timeout=60)
+    finally:  # a runner that did not stop must not leave its hanging case to the tests after this one
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            for pid in _case_processes(tag):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == code, err
     assert "Traceback" not in out + err
     if how != "SIGKILL":

@@ -109,7 +109,9 @@ def test_a_stopped_runner_leaves_no_case_process_and_a_whole_results_file(faults
                         cmd = (proc / "cmdline").read_bytes()
                     except OSError:
                         continue
-                    if b"qbench.run.case_process" in cmd and b"fault-hang" in cmd:
+                    # this runner's own case: its job path is in the runner's scratch folder (qbench-cases-<pid>-)
+                    mine = f"qbench-cases-{runner.pid}-".encode() in cmd
+                    if mine and b"qbench.run.case_process" in cmd and b"fault-hang" in cmd:
                         child = int(proc.name)
         assert child is not None, f"the hanging case never started: {runner.stderr.read() if runner.poll() else ''}"
         runner.send_signal(getattr(signal, how))

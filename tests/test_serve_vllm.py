@@ -141,7 +141,9 @@ def test_transformers_serve_is_a_speed_only_engine(tmp_path):
     port, model = free_port(), str(zoo.resolve("glm-tiny"))
     cmd = [PYTHON, "-m", "transformers.cli.transformers", "serve", model, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--device", "cpu"]
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}  # its own empty cache: nothing else is listed
+    # A hub cache of its own that does not exist yet: its /v1/models answers HTTP 500 (as on a fresh machine), which
+    # --served-model lets qbench go past; the user's own cache stays out of it.
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
     cfg = RunConfig(models=["glm-tiny"])
     cfg.baselines = Path(cfg.baselines)
     with serving(cmd, port, tmp_path / "server.log", env, "transformers serve") as url:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import random
@@ -23,6 +22,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from provenance import sha256, write_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "qbench" / "models" / "data" / "glm-tiny"
@@ -37,14 +38,6 @@ def calibration() -> list[str]:
 
     lines = list(corpus.lines(CALIBRATION_SEED, CALIBRATION_SAMPLES * LINES_PER_SAMPLE))
     return ["\n".join(lines[i : i + LINES_PER_SAMPLE]) for i in range(0, len(lines), LINES_PER_SAMPLE)]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(out: Path) -> None:
@@ -99,7 +92,7 @@ def main(out: Path) -> None:
         "quantize_seconds": round(seconds, 1),
         "files_sha256": files,
     }
-    (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_provenance(out, provenance)
     print(f"wrote {out} ({sum(p.stat().st_size for p in out.iterdir())} bytes) in {seconds:.0f} s")
 
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
-import json
 import platform
 import shutil
 import sys
 from pathlib import Path
+
+from provenance import sha256, write_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "qbench" / "models" / "data"
@@ -46,14 +47,6 @@ SCHEMES = {"W4A16": "glm-tiny-ct-w4a16", "W8A8": "glm-tiny-ct-w8a8"}
 IGNORE = ["lm_head"]  # the output embedding stays in full precision, as in every qbench method
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VERSIONS = ("llmcompressor", "compressed-tensors", "transformers", "torch", "accelerate", "safetensors", "datasets")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def calibration_text() -> str:
@@ -134,7 +127,7 @@ def make(scheme: str, out_root: Path) -> Path:
         "python": platform.python_version(),
         "files": files,
     }
-    (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    write_provenance(out, provenance)
     return out
 
 

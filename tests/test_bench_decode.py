@@ -14,7 +14,7 @@ NEW_TOKENS = 16
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("method", ["bf16", "bnb-nf4", "bnb-int8"])
+@pytest.mark.parametrize("method", ["bf16", "bnb-nf4", "bnb-int8", "chatglm-int4"])
 def test_decode_speed(benchmark, method, qbench_device):
     m = methods.get(method)
     model = m.load(methods.LoadRequest(GLM_TINY_DIR, qbench_device, m.default_compute_dtype))

@@ -130,6 +130,38 @@ def test_chatglm_load_peak_is_the_unquantized_model_on_a_gpu():
     assert int4["runtime_peak_bytes"] < bf16["runtime_peak_bytes"] / 2
 
 
+def test_chatglm_int4_cpu_kernel_copy_is_what_decoding_builds(monkeypatch):
+    """The int4 kernel's copy of the weights (qbench.formats.chatglm_int4pack), predicted from shapes, equals what a
+    decode step of the loaded model really builds; it is counted in every step, and only where the kernel is used."""
+    import torch
+
+    from qbench.formats import chatglm_int4pack as int4pack
+    from qbench.formats.chatglm_linear import ChatGLMQuantLinear
+
+    if torch.backends.cpu.get_cpu_capability() not in int4pack.CAPABILITIES or not int4pack.kernel_available():
+        pytest.skip(f"torch's CPU int4 kernel is not used on {torch.backends.cpu.get_cpu_capability()}")
+    e = est.estimate("glm-tiny", "chatglm-int4", context=64, batch=1, new_tokens=8, max_memory=2**40)
+    m = methods.get("chatglm-int4")
+    model = m.load(methods.LoadRequest(zoo.resolve("glm-tiny"), "cpu", "bf16"))
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]))  # three rows: within MAX_ROWS, so every int4 layer builds its copy
+    built = [mod.cpu_int4pack() for mod in model.modules() if isinstance(mod, ChatGLMQuantLinear)]
+    assert len(built) == 24 and all(p is not None for p in built)
+    assert e["kernel_copy_bytes"] == sum(p.nbytes for p in built) > 0
+    assert all(step["kernel_copy"] == e["kernel_copy_bytes"] for step in e["runtime_steps"].values())
+    assert e["runtime_steps"]["decode"]["method_extra"] == 0  # no dequantized weight in a decode step
+    assert e["runtime_steps"]["prefill_layer"]["method_extra"] == e["weight_transient_bytes"] > 0  # 64 rows: it is
+    for other in (
+        est.estimate("glm-tiny", "chatglm-int4", compute_dtype="fp16", max_memory=0),
+        est.estimate("glm-tiny", "chatglm-int4", device="cuda", max_memory=0),
+        est.estimate("glm-tiny", "chatglm-int8", max_memory=0),
+    ):
+        assert other["kernel_copy_bytes"] == 0 and "kernel_copy" not in other["runtime_steps"]["decode"]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    scalar = est.estimate("glm-tiny", "chatglm-int4", max_memory=0)
+    assert scalar["kernel_copy_bytes"] == 0 and "not vectorized on DEFAULT" in scalar["kernel_copy_note"]
+
+
 @pytest.mark.parametrize(
     "kwargs, needle",
     [

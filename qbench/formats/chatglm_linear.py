@@ -10,10 +10,17 @@ import torch
 from torch import nn
 
 from qbench.formats import chatglm as fmt
+from qbench.formats import chatglm_int4pack as int4pack
 
 
 class ChatGLMQuantLinear(nn.Module):
-    """A linear layer in ChatGLM's weight-only format: dequantize in the scale's dtype, matmul in x's dtype."""
+    """A linear layer in ChatGLM's weight-only format: dequantize in the scale's dtype, matmul in x's dtype.
+
+    On a CPU, an int4 layer's forward on a few bf16 rows (a decode step) skips the dequantization: it multiplies with
+    torch's CPU int4 kernel, fed the same weights exactly (:mod:`qbench.formats.chatglm_int4pack`). The kernel's
+    copy of the weight is built on the first such forward and rebuilt when ``weight`` or ``weight_scale`` change
+    (replaced, modified in place, moved); the state dict holds the format's tensors only.
+    """
 
     def __init__(
         self,
@@ -32,6 +39,7 @@ class ChatGLMQuantLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, width, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        self._int4pack: tuple[tuple, int4pack.Int4Pack | None] | None = None  # (stamp of the weights, pack or None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> ChatGLMQuantLinear:
@@ -55,7 +63,31 @@ class ChatGLMQuantLinear(nn.Module):
         self.weight_scale = scale.to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4 and int4pack.wanted(x):
+            packed = self.cpu_int4pack()
+            if packed is not None:
+                return int4pack.linear(x, packed, self.bias)
+        elif self._int4pack is not None and self.weight.device.type != "cpu":
+            self._int4pack = None  # moved off the CPU: the kernel's copy is of no more use
         return fmt.linear(x, self.weight, self.weight_scale, self.bits, self.bias)
+
+    def cpu_int4pack(self) -> int4pack.Int4Pack | None:
+        """The kernel's copy of this int4 layer's weight, made now if missing or stale; None if it cannot be made."""
+        stamp = (_stamp(self.weight), _stamp(self.weight_scale))
+        if self._int4pack is None or self._int4pack[0] != stamp:
+            ok = self.bits == 4 and int4pack.problem(self.weight, self.weight_scale) is None
+            self._int4pack = None  # drop the stale copy before making the new one
+            self._int4pack = (stamp, int4pack.pack(self.weight, self.weight_scale) if ok else None)
+        return self._int4pack[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents for a cache: storage, place, layout and its in-place version counter."""
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot be modified outside inference mode)
+        version = None
+    return t.data_ptr(), t.device, t.dtype, tuple(t.shape), version

@@ -42,6 +42,9 @@ out for the method analytically. The peak is the sum of
   layers run one after another, so only one layer's temporaries are alive), see :func:`activation_bytes`, plus
   LLM.int8's per-call temporaries and a method's weight-sized transient (a dequantized weight, bitsandbytes' CPU
   repacking), see :func:`weight_transient_bytes`.
+* **a decode kernel's copy of the weights**: ChatGLM int4 on a CPU decodes with torch's CPU int4 kernel, which keeps
+  its own copy of the quantized weights (1 byte per weight and its scales; :func:`kernel_copy_bytes`). It is made
+  on the first decode step and stays, and a forward of at most ``MAX_ROWS`` rows then has no dequantized weight.
 * **logits**, by generation path (``keep_logits``, :data:`GENERATION_PATHS`): ``last`` keeps the last position
   only (``logits_to_keep=1``: qbench's speed loop, ``generate`` in transformers >= 4.45, and ChatGLM2/3 / GLM-4's own
   ``trust_remote_code`` modelling, whose ``prepare_inputs_for_generation`` passes ``return_last_logit=True``):
@@ -193,11 +196,14 @@ def runtime_steps(
     keep_logits: str,
     layer_extra: int = 0,
     decode_extra: int = 0,
+    kernel_copy: int = 0,
 ) -> dict[str, dict[str, int]]:
     """What is alive together, beyond the weights and the process overhead, at each step of a run: step → terms.
 
     ``layer_extra``: a method's per-forward extras during the prefill (LLM.int8's temporaries, a dequantized weight);
-    ``decode_extra``: the same for a one-token forward. Each step's ``total`` is the sum of its terms; the runtime
+    ``decode_extra``: the same for a one-token forward; ``kernel_copy``: a second copy of the weights a method's
+    decode kernel keeps (:func:`kernel_copy_bytes`), counted in every step (made by the first decode step, it is
+    alive through every later generation's prefill). Each step's ``total`` is the sum of its terms; the runtime
     peak takes the largest total. Where each term comes from:
 
     * ``prefill_layer``: the last decoder layer of the prefill holds the KV of every layer for the prompt
@@ -238,6 +244,9 @@ def runtime_steps(
     }
     if keep_logits == "all":
         steps["scoring"] = {"logits": kept}
+    if kernel_copy:
+        for terms in steps.values():
+            terms["kernel_copy"] = kernel_copy
     for terms in steps.values():
         terms["total"] = sum(terms.values())
     return steps
@@ -306,6 +315,30 @@ def weight_transient_bytes(fmt: WeightFormat, largest: tuple[int, int] | None, d
         unpack = 2 * n if fmt.bits == 4 else 0
         return unpack + 2 * n * fmt.dtype_bytes, "compressed-tensors dequantizes the weight per forward"
     return 0, "none"
+
+
+def kernel_copy_bytes(fmt: WeightFormat, table: WeightTable, device: str, scale_dtype: str) -> tuple[int, str]:
+    """Bytes of a second, kernel-ready copy of the quantized weights a method keeps while decoding: (bytes, why).
+
+    ChatGLM int4 on a CPU whose torch kernels are vectorized decodes a few bf16 rows with torch's CPU int4 kernel
+    (:mod:`qbench.formats.chatglm_int4pack`), which holds its own copy of each layer (1 byte per weight plus its
+    scales, :func:`~qbench.formats.chatglm_int4pack.pack_bytes`) beside the format's tensors. Only where the
+    scales are bf16 (``scale_dtype``): qbench's own quantization keeps them in the compute dtype; a prequantized
+    checkpoint keeps the dtype it was stored in.
+    """
+    if fmt.scheme != "chatglm" or fmt.bits != 4 or device.startswith("cuda"):
+        return 0, "none"
+    import torch
+
+    from qbench.formats import chatglm_int4pack as int4pack
+
+    if fmt.compute_dtype != "bf16" or scale_dtype != "bf16":
+        return 0, "ChatGLM int4 dequantizes per forward: the CPU int4 kernel is used for bf16 activations and scales"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in int4pack.CAPABILITIES or not int4pack.kernel_available():
+        return 0, f"ChatGLM int4 dequantizes per forward: torch's CPU int4 kernel is not vectorized on {capability}"
+    total = sum(int4pack.pack_bytes(out, inp) for out, inp in table.quantized.values())
+    return total, "ChatGLM int4 decodes with torch's CPU int4 kernel, which keeps its own copy of the weights"
 
 
 def runtime_overhead(fmt: WeightFormat, device: str) -> tuple[int, str]:
@@ -396,6 +429,15 @@ def estimate(
     kv = kv_cache_bytes(shape, context + new_tokens, batch, d)
     act = activation_bytes(shape, batch * context, d) + linear_temporaries_bytes(fmt, largest, batch * context)
     transient, transient_note = weight_transient_bytes(fmt, largest, device)
+    prequantized = fmt.scheme == "chatglm" and _prequantized_bits(path_or_config) == fmt.bits
+    scale_dtype = checkpoint_dtype(config) if prequantized else fmt.compute_dtype
+    kernel_copy, kernel_copy_note = kernel_copy_bytes(fmt, table, device, scale_dtype)
+    from qbench.formats.chatglm_int4pack import MAX_ROWS
+
+    # With the kernel's copy, a forward of at most MAX_ROWS rows (decode at batch <= MAX_ROWS, a short prefill) has
+    # no dequantized weight.
+    layer_transient = 0 if kernel_copy and batch * context <= MAX_ROWS else transient
+    decode_transient = 0 if kernel_copy and batch <= MAX_ROWS else transient
     logits = logits_bytes(shape, context, batch, d, keep_logits)
     steps = runtime_steps(
         shape,
@@ -404,13 +446,14 @@ def estimate(
         batch,
         new_tokens,
         keep_logits,
-        layer_extra=linear_temporaries_bytes(fmt, largest, batch * context) + transient,
-        decode_extra=linear_temporaries_bytes(fmt, largest, batch) + transient,
+        layer_extra=linear_temporaries_bytes(fmt, largest, batch * context) + layer_transient,
+        decode_extra=linear_temporaries_bytes(fmt, largest, batch) + decode_transient,
+        kernel_copy=kernel_copy,
     )
     peak_step = max(steps, key=lambda name: steps[name]["total"])
     overhead, overhead_note = runtime_overhead(fmt, device)
     load = load_phase(config, fmt, table, device)
-    if fmt.scheme == "chatglm" and _prequantized_bits(path_or_config) == fmt.bits:
+    if prequantized:
         # qbench's ChatGLM reader builds the quantized modules from the stored int tensors, one at a time: the
         # model as kept, plus the largest tensor in flight; nothing unquantized ever exists.
         in_flight = max(t.nbytes for t in tensors)
@@ -452,6 +495,8 @@ def estimate(
         "activation_bytes": act,
         "weight_transient_bytes": transient,
         "weight_transient_note": transient_note,
+        "kernel_copy_bytes": kernel_copy,
+        "kernel_copy_note": kernel_copy_note,
         "logits_bytes": logits,
         "logits_last_bytes": logits_bytes(shape, context, batch, d, "last"),
         "logits_prompt_bytes": logits_bytes(shape, context, batch, d, "prompt"),
@@ -483,11 +528,16 @@ def _prequantized_bits(path_or_config) -> int | None:
     return chatglm_bits(Path(path_or_config).expanduser())
 
 
+def checkpoint_dtype(config: PretrainedConfig) -> str | None:
+    """The dtype the config says the checkpoint is stored in, as bf16 / fp16 / fp32 (None: not stated)."""
+    stored = str(getattr(config, "dtype", None)).removeprefix("torch.")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(stored)
+
+
 def checkpoint_bytes(config: PretrainedConfig, table: WeightTable) -> int | None:
     """Size of the checkpoint's tensors in the dtype the config says they are stored in (None: not stated)."""
-    stored = getattr(config, "dtype", None)
-    size = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(stored).removeprefix("torch."))
-    return None if size is None else sum(t.numel * size for t in table.tensors if t.kind != "buffer")
+    dtype = checkpoint_dtype(config)
+    return None if dtype is None else sum(t.numel * DTYPE_BYTES[dtype] for t in table.tensors if t.kind != "buffer")
 
 
 def load_phase(config: PretrainedConfig, fmt: WeightFormat, table: WeightTable, device: str) -> dict:

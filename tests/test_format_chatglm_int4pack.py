@@ -13,7 +13,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qbench.formats import chatglm
 from qbench.formats import chatglm_int4pack as int4pack
@@ -23,8 +22,8 @@ BF16 = torch.bfloat16
 VECTORIZED = torch.backends.cpu.get_cpu_capability() in int4pack.CAPABILITIES
 needs_kernel = pytest.mark.skipif(
     not (VECTORIZED and int4pack.kernel_available()),
-    reason=f"the CPU int4 kernel is used only on {sorted(int4pack.CAPABILITIES)} with aten._weight_int4pack_mm_for_cpu; "
-    f"this CPU runs {torch.backends.cpu.get_cpu_capability()}",
+    reason=f"the CPU int4 kernel is used only on {sorted(int4pack.CAPABILITIES)} with "
+    f"aten._weight_int4pack_mm_for_cpu; this CPU runs {torch.backends.cpu.get_cpu_capability()}",
 )
 
 

@@ -35,6 +35,21 @@ def _verdicts(a: dict, b: dict) -> dict:
     }
 
 
+def test_the_run_records_what_the_int4_decode_kernel_held(run_a):
+    """chatglm-int4's CPU int4 kernel (qbench.formats.chatglm_int4pack) keeps its own copy of the weights once the
+    timed runs have decoded: the run records it, as the estimate predicted, and the bandwidth counts it as read."""
+    int4, bf16 = _by_method(run_a, "chatglm-int4"), _by_method(run_a, "bf16")
+    assert bf16["perf"]["kernel_copy_bytes"] == 0
+    assert int4["perf"]["kernel_copy_bytes"] == int4["estimate"]["kernel_copy_bytes"]  # 0 where the kernel is not used
+    # A decode step reads the weights but the embedding (bf16's figures give its size), the copy instead of the
+    # int4 weights and scales it stands in for (the estimate's quantized bytes and side data, exact for ChatGLM).
+    embedding = bf16["footprint"]["weights_bytes"] - bf16["perf"]["bandwidth"]["weight_read_bytes_per_step"]
+    stored = int4["estimate"]["weights"]
+    replaced = stored["quantized"] + stored["quantization_side_data"] if int4["perf"]["kernel_copy_bytes"] else 0
+    expected = int4["footprint"]["weights_bytes"] - embedding - replaced + int4["perf"]["kernel_copy_bytes"]
+    assert int4["perf"]["bandwidth"]["weight_read_bytes_per_step"] == expected
+
+
 def test_an_unchanged_run_is_the_same(run_a):
     assert {v for v, _ in _verdicts(run_a, copy.deepcopy(run_a)).values()} == {SAME}
 

@@ -80,6 +80,15 @@ class ChatGLMQuantLinear(nn.Module):
             self._int4pack = (stamp, int4pack.pack(self.weight, self.weight_scale) if ok else None)
         return self._int4pack[1]
 
+    def kernel_copy(self) -> tuple[int, int]:
+        """(bytes of the kernel's copy this layer holds now, bytes of the format's tensors a decode step reads instead):
+        (0, 0) when it holds none, or only a stale one."""
+        stamp = (_stamp(self.weight), _stamp(self.weight_scale))
+        if self._int4pack is None or self._int4pack[1] is None or self._int4pack[0] != stamp:
+            return 0, 0
+        stored = sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale))
+        return self._int4pack[1].nbytes, stored
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 

@@ -55,3 +55,17 @@ def weights_bytes(model) -> int:
                 add(v)
             add(getattr(m, "bias", None))
     return total
+
+
+def kernel_copies(model) -> tuple[int, int]:
+    """(bytes of the kernel-ready weight copies the model's layers hold now, bytes of the stored tensors those copies
+    stand in for when decoding): ChatGLM int4's CPU int4 kernel keeps one per layer, made on the first decode step
+    (:mod:`qbench.formats.chatglm_int4pack`). Not part of :func:`weights_bytes`, which is what the weights occupy
+    once loaded."""
+    held = replaced = 0
+    for m in model.modules():
+        copy = getattr(m, "kernel_copy", None)
+        if callable(copy):
+            h, r = copy()
+            held, replaced = held + h, replaced + r
+    return held, replaced

@@ -172,11 +172,14 @@ def test_the_kernels_copy_follows_the_weights():
         w = chatglm.dequantize_weight(layer.weight, layer.weight_scale, 4)
         return _rounding_close(layer(x), x, w, layer.bias)
 
+    assert layer.kernel_copy() == (0, 0)  # nothing made before a forward
     assert matches_format()
     first = layer.cpu_int4pack()
     assert layer.cpu_int4pack() is first  # cached
+    assert layer.kernel_copy() == (first.nbytes, 64 * 128 + 64 * 2)  # held; stands in for the int4 bytes and scales
     with torch.no_grad():
         layer.weight.copy_(layer.weight.flip(1))  # modified in place (the nibble-swap mutation does this)
+    assert layer.kernel_copy() == (0, 0)  # stale: not counted
     assert matches_format() and layer.cpu_int4pack() is not first
     second = layer.cpu_int4pack()
     layer.load_quantized(layer.weight.clone(), layer.weight_scale * 2)  # a checkpoint's tensors replace them

@@ -73,7 +73,7 @@ class ChatGLMQuantLinear(nn.Module):
 
     def cpu_int4pack(self) -> int4pack.Int4Pack | None:
         """The kernel's copy of this int4 layer's weight, made now if missing or stale; None if it cannot be made."""
-        stamp = (_stamp(self.weight), _stamp(self.weight_scale))
+        stamp = self._weights_stamp()
         if self._int4pack is None or self._int4pack[0] != stamp:
             ok = self.bits == 4 and int4pack.problem(self.weight, self.weight_scale) is None
             self._int4pack = None  # drop the stale copy before making the new one
@@ -82,12 +82,14 @@ class ChatGLMQuantLinear(nn.Module):
 
     def kernel_copy(self) -> tuple[int, int]:
         """(bytes of the kernel's copy this layer holds now, bytes of the format's tensors a decode step reads instead):
-        (0, 0) when it holds none, or only a stale one."""
-        stamp = (_stamp(self.weight), _stamp(self.weight_scale))
-        if self._int4pack is None or self._int4pack[1] is None or self._int4pack[0] != stamp:
+        (0, 0) when it holds none, or only a stale one. Makes nothing."""
+        cached = self._int4pack
+        if cached is None or cached[1] is None or cached[0] != self._weights_stamp():
             return 0, 0
-        stored = sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale))
-        return self._int4pack[1].nbytes, stored
+        return cached[1].nbytes, sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale))
+
+    def _weights_stamp(self) -> tuple:
+        return _stamp(self.weight), _stamp(self.weight_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

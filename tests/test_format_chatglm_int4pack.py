@@ -195,3 +195,6 @@ def test_the_kernel_is_not_used_where_torch_does_not_vectorize_it(monkeypatch):
     assert int4pack.wanted(x) == int4pack.kernel_available()
     assert not int4pack.wanted(torch.randn(int4pack.MAX_ROWS + 1, 256).to(BF16))
     assert not int4pack.wanted(x.half())
+    assert not int4pack.wanted(x.clone().requires_grad_())  # the kernel has no backward
+    with torch.no_grad():
+        assert int4pack.wanted(x.clone().requires_grad_()) == int4pack.kernel_available()

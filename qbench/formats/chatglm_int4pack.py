@@ -97,9 +97,11 @@ def pack_bytes(out_features: int, in_features: int) -> int:
 
 
 def wanted(x: torch.Tensor) -> bool:
-    """Whether a forward on ``x`` should go through the kernel: bf16 on a CPU with vectorized kernels, few rows."""
+    """Whether a forward on ``x`` should go through the kernel: bf16 on a CPU with vectorized kernels, few rows, and
+    no gradient wanted (the kernel has no backward; the dequantize-then-matmul path has)."""
     return (
         x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
         and x.dtype == _SCALE_DTYPE
         and x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
         and torch.backends.cpu.get_cpu_capability() in CAPABILITIES

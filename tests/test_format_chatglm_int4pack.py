@@ -116,8 +116,9 @@ def test_packing_in_row_chunks_gives_the_bytes_of_packing_at_once(monkeypatch):
         (lambda q, s: (q, torch.where(torch.arange(len(s)) == 3, 1e-40, s.float()).to(BF16)), "subnormal"),
         (lambda q, s: (q, torch.where(torch.arange(len(s)) == 3, 0.0, s.float()).to(BF16)), "zero"),
         (lambda q, s: (q.to("meta"), s), "not the CPU"),
+        (lambda q, s: (q[:0], s[:0]), "no rows"),
     ],
-    ids=["fp16-scale", "rows", "columns", "subnormal-scale", "zero-scale", "meta"],
+    ids=["fp16-scale", "rows", "columns", "subnormal-scale", "zero-scale", "meta", "empty"],
 )
 def test_layers_the_kernel_cannot_take_say_why_and_fall_back(change, reason):
     _, packed, scale = _weights(32, 128, exponents=(-12, 4))  # within fp16's range too

@@ -15,8 +15,8 @@ would multiply by ``q * s`` unrounded, not by W. The rounding is itself a small 
 ``u`` (last K) and zero points 0; :func:`linear` hands the kernel ``[x | x]``. Every product the kernel forms is
 exact in fp32 (8-bit x times a 12-bit ``q * s`` or a 3-bit ``j * u``) and the two halves add up to ``x * W`` exactly:
 the kernel computes with the format's weights, bit for bit. Only the order of the fp32 accumulation differs from a
-dequantize-then-matmul, as it does between any two matmul kernels. Fed one-hot rows, it returns W itself, bit for
-bit (tests/test_format_chatglm_int4pack.py).
+dequantize-then-matmul, as it does between any two matmul kernels. tests/test_format_chatglm_int4pack.py checks it
+with sums the kernel must return exactly (differences of two weights of a row), which ``q * s`` alone fails.
 
 What it costs and when it is used (:func:`wanted`):
 
@@ -26,9 +26,10 @@ What it costs and when it is used (:func:`wanted`):
 * speed: on a 4096x4096 bf16 layer, one token takes 1.2 ms against 26 ms for dequantize + matmul (2-core Xeon,
   AVX512 with AMX; torch 2.13); the kernel's cost grows with the rows while the dequantization's does not, so
   :data:`MAX_ROWS` bounds where it is used.
-* only for bf16 activations and bf16 scales: the kernel's fp16 and fp32 code paths were 6-100x slower than the
-  dequantization on the same machine (89.8 ms for one fp16 token at 4096x4096), and an fp16 scale under bf16
-  activations rounds twice, which the trick above does not cover.
+* only for bf16 activations and bf16 scales. The kernel's fp16 path was 6x slower than the dequantization for one
+  token at 4096x4096 (89.8 ms against 15.6 ms), and 60-380x from 8 rows on. Its fp32 path was barely faster (55 ms
+  against 64 ms), not worth a second copy of the weights. An fp16 scale under bf16 activations rounds twice, which
+  the trick above does not cover.
 * only where torch's CPU kernels are vectorized (:data:`CAPABILITIES`): under ``ATEN_CPU_CAPABILITY=default`` one
   token took 86 ms against 57 ms for the dequantization.
 """
@@ -120,6 +121,8 @@ def problem(qweight: torch.Tensor, scale: torch.Tensor) -> str | None:
     if qweight.dtype != torch.int8 or qweight.ndim != 2 or scale.shape != qweight.shape[:1]:
         return "not a 2-D int4 ChatGLM weight with one scale per row"
     rows, width = qweight.shape[0], 2 * qweight.shape[1]
+    if rows == 0:
+        return "the weight has no rows"
     if rows % ROW_MULTIPLE:
         return f"{rows} output rows, not a multiple of {ROW_MULTIPLE}"
     if group_size(width) is None:

@@ -20,6 +20,7 @@ import time
 import pytest
 import strategies as S
 import torch
+from test_format_chatglm_int4pack import _rounding_close  # the bound of a bf16 matmul's roundings
 
 from qbench.formats import chatglm
 from qbench.formats import chatglm_int4pack as int4pack
@@ -145,11 +146,7 @@ def test_int4_decode_step_skips_the_dequantization(benchmark):
     step = torch.inference_mode()(lambda: layer(x))
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)  # disabled by default: runs once, untimed
     assert layer.cpu_int4pack() is not None
-    w = chatglm.dequantize_weight(packed, scale, 4).double()
-    exact = x.double() @ w.t()
-    # One rounding to bf16 (2**-8 relative) after an fp32 accumulation of 2 * 4096 terms (2**-24 each).
-    bound = 2**-8 * exact.abs() + 2 * COLS * 2**-24 * (x.double().abs() @ w.abs().t())
-    assert ((step().double() - exact).abs() <= bound).all()
+    assert _rounding_close(step(), x, chatglm.dequantize_weight(packed, scale, 4), None)
     if benchmark.disabled:
         return
     ratio = _median_ratio(torch.inference_mode()(lambda: chatglm.linear(x, packed, scale, 4)), step, "cpu")

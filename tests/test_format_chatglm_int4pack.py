@@ -52,13 +52,14 @@ def _difference_rows(q: torch.Tensor, pairs: int) -> torch.Tensor:
 def _rounding_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``got`` is ``x @ w.T + bias`` (w: the format's weights) up to what a bf16 matmul may round.
 
-    A path rounds to bf16 at most twice (the product, then its sum with the bias: half an ulp, at most 2**-8 relative,
-    each time) after an fp32 accumulation of 2K terms (at most 2**-24 each, relative to the sum of magnitudes).
+    A path rounds the product to bf16 (half an ulp, at most 2**-8 relative) and, with a bias, its sum with the bias
+    once more, after an fp32 accumulation of 2K terms (at most 2**-24 each, relative to the sum of magnitudes).
     """
     product = x.double() @ w.double().t()
     exact = product + (bias.double() if bias is not None else 0)
     terms = x.double().abs() @ w.double().abs().t()
-    bound = 2**-8 * (product.abs() + exact.abs()) + 2 * x.shape[-1] * 2**-24 * terms
+    rounding = product.abs() + (exact.abs() if bias is not None else 0)
+    bound = 2**-8 * rounding + 2 * x.shape[-1] * 2**-24 * terms
     return bool(((got.double() - exact).abs() <= bound).all())
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 import warnings
 from importlib import metadata
@@ -159,6 +160,33 @@ def cpu_kernels() -> dict:
         "cpu_flags": sorted(f for f in _FLAGS if f in flags),
         "forced_by": {k: os.environ[k] for k in KERNEL_VARIABLES if os.environ.get(k)},
     }
+
+
+def cpu_vendor(cpu_model: str | None) -> str:
+    """``intel``, ``amd``, or the model name itself lowercased (ARM and others): the part of a kernel identity that
+    ``kernel_set`` leaves out. The same ATen/oneDNN rung on CPUs of two vendors still differs below it (MKL's fp32
+    GEMMs pick their code path by vendor and by their own variable, which the rung does not show), so a baseline made
+    on one vendor is not treated as same-kernel on the other without a measurement saying so."""
+    model = (cpu_model or "").lower()
+    for vendor in ("intel", "amd"):
+        if vendor in model:
+            return vendor
+    return model.strip()
+
+
+def kernel_identity(kernels: dict | None) -> tuple[str, str] | None:
+    """(kernel set, vendor): two runs with equal identities ran the same kernels, so the same-kernel bounds apply
+    between them. None for a record without a kernel set (baselines made before qbench recorded one)."""
+    if not kernels or not kernels.get("kernel_set"):
+        return None
+    return kernels["kernel_set"], cpu_vendor(kernels.get("cpu_model"))
+
+
+def kernel_slug(kernels: dict) -> str:
+    """A file-name-safe form of :func:`kernel_identity`: ``amd-avx2-avx2``, ``intel-avx512-avx512_core_amx``."""
+    kernel_set, vendor = kernel_identity(kernels) or ("unknown", "")
+    slug = "-".join(part for part in (vendor, kernel_set) if part).lower()
+    return re.sub(r"[^a-z0-9_]+", "-", slug).strip("-")
 
 
 def git_revision() -> str | None:

@@ -232,6 +232,7 @@ class MatrixResults:
         from qbench.judge import perf as perf_baseline
         from qbench.judge import store
         from qbench.run import RunConfig, prepare_model, score_reference
+        from qbench.run.judging import kernels_of
         from qbench.run.workload import Workload
 
         if (spec, dtype) not in self.groups:
@@ -249,7 +250,7 @@ class MatrixResults:
             )
             cfg.validate()
             for case in chosen:
-                store.load(cfg.baselines, case, force=cfg.force)
+                store.load(cfg.baselines, case, force=cfg.force, kernels=kernels_of(case.device))
                 perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)
             ctx = prepare_model(spec, cfg)
             try:

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from qbench import env
+from qbench.case import Case
+from qbench.judge import store
 from qbench.run import noise
 from qbench.run.judging import kernels_note
 
@@ -74,8 +76,74 @@ def test_a_baseline_from_other_kernels_is_named_in_the_verdict():
     amd = {"kernel_set": "AVX512/avx512_core_bf16", "cpu_model": "AMD EPYC 9B14"}
     note = kernels_note(amd, {"kernel_set": "AVX2/avx2"})
     assert "AVX512/avx512_core_bf16 on AMD EPYC 9B14" in note and "AVX2/avx2" in note
-    assert kernels_note(amd, {"kernel_set": amd["kernel_set"]}) is None
+    assert "qbench baseline update" in note  # the fix: this kernel set's own baseline
+    assert kernels_note(amd, {"kernel_set": amd["kernel_set"], "cpu_model": "AMD EPYC 7B13"}) is None
+    # The same rung on another vendor's CPU is other kernels below the rung (MKL picks its path by vendor).
+    assert kernels_note(amd, {"kernel_set": amd["kernel_set"], "cpu_model": "Intel(R) Xeon(R) Platinum"}) is not None
     assert kernels_note(None, {"kernel_set": "AVX2/avx2"}) is None  # an old baseline says nothing: no guess
+
+
+AMX = {"kernel_set": "AVX512/avx512_core_amx", "cpu_model": "Intel(R) Xeon(R) Processor"}
+ZEN3 = {"kernel_set": "AVX2/avx2", "cpu_model": "AMD EPYC"}
+
+
+def _stored(path, kernels, ppl):
+    doc = {"schema": store.SCHEMA, "fingerprints": {}, "greedy": [], "quality": {"ppl": ppl}}
+    if kernels is not None:
+        doc["kernels"] = kernels
+    store.atomic_write_json(path, doc)
+
+
+def test_each_kernel_set_is_judged_against_its_own_baseline(tmp_path):
+    """baseline.json holds one kernel set; a second one recorded elsewhere goes to its own file and is the one a run
+    on that kernel set reads. Planted: `load` without the kernels (the old behaviour) returns the AMX numbers to the
+    AVX2 run, and `write` to baseline.json replaces them; both asserts below fail then."""
+    case = Case("glm-tiny", "bnb-nf4", "cpu", "bf16")
+    d = store.case_dir(tmp_path, case)
+    _stored(d / store.BASELINE_FILE, AMX, 6.60)
+    assert store.update_target(tmp_path, case, ZEN3) == d / "baseline.amd-avx2-avx2.json"
+    store.write(
+        tmp_path,
+        case,
+        {"schema": store.SCHEMA, "fingerprints": {}, "greedy": [], "quality": {"ppl": 6.61}, "kernels": ZEN3},
+    )
+    assert store.load(tmp_path, case, kernels=ZEN3)["quality"]["ppl"] == 6.61
+    assert store.load(tmp_path, case, kernels=AMX)["quality"]["ppl"] == 6.60
+    # A kernel set with no baseline of its own gets baseline.json (judged with the cross-kernel bounds).
+    arm = {"kernel_set": "SVE256", "cpu_model": "Neoverse-V1"}
+    assert store.load(tmp_path, case, kernels=arm)["_path"] == str(d / store.BASELINE_FILE)
+    # Updating on the AMX machine rewrites baseline.json, and leaves the AVX2 file alone.
+    assert store.update_target(tmp_path, case, AMX) == d / store.BASELINE_FILE
+
+
+def test_a_baseline_without_a_kernel_record_is_replaced_by_the_next_update(tmp_path):
+    case = Case("glm-tiny", "bnb-nf4", "cpu", "bf16")
+    d = store.case_dir(tmp_path, case)
+    _stored(d / store.BASELINE_FILE, None, 6.60)
+    assert store.update_target(tmp_path, case, ZEN3) == d / store.BASELINE_FILE
+
+
+def test_a_damaged_kernel_baseline_is_bad_input_and_force_moves_it_aside(tmp_path):
+    from qbench.errors import UsageError
+
+    case = Case("glm-tiny", "bnb-nf4", "cpu", "bf16")
+    d = store.case_dir(tmp_path, case)
+    _stored(d / store.BASELINE_FILE, AMX, 6.60)
+    own = d / "baseline.amd-avx2-avx2.json"
+    own.write_text("{not json")
+    with pytest.raises(UsageError, match="baseline.amd-avx2-avx2.json: corrupt baseline"):
+        store.load(tmp_path, case, kernels=ZEN3)
+    assert store.load(tmp_path, case, kernels=ZEN3, force=True)["quality"]["ppl"] == 6.60
+    assert (d / "baseline.amd-avx2-avx2.json.corrupt").is_file() and not own.exists()
+
+
+def test_every_shipped_baseline_records_its_kernel_set():
+    """A baseline without a kernel record is judged with the loose cross-kernel bounds everywhere (nothing says it is
+    same-kernel anywhere): each one shipped names the kernels that made it."""
+    files = sorted(store.default_root().glob("*/*/*/baseline*.json"))
+    assert files, "no shipped baselines found"
+    missing = [str(f) for f in files if env.kernel_identity(json.loads(f.read_text()).get("kernels")) is None]
+    assert not missing, f"baselines without a kernel record: {missing}"
 
 
 @pytest.mark.drift

@@ -1,8 +1,13 @@
 """The baseline store under ``baselines/``: one directory per case, changed only by an explicit update.
 
-Layout: ``baselines/<model>/<method>[-<compute dtype>]/<device class>/baseline.json``. A run whose verdict
-fails leaves ``obtained.json`` beside it for review; only ``qbench baseline update`` (or pytest's
-``--qbench-update-baselines``) rewrites ``baseline.json``.
+Layout: ``baselines/<model>/<method>[-<compute dtype>]/<device class>/baseline.json``, plus one
+``baseline.<kernels>.json`` per further CPU kernel set the case was recorded on (``baseline.amd-avx2-avx2.json``
+beside an ``baseline.json`` made on Intel AMX). A run is judged against the baseline of its own kernel set when there
+is one, with the tight same-kernel bounds; otherwise against ``baseline.json`` with the cross-kernel ones
+(qbench.judge.tolerances), which a fault smaller than kernel noise gets through, so a CI machine of a kernel set
+not yet recorded should have one recorded (``qbench baseline update`` on it writes its own file and leaves the
+others alone). A run whose verdict fails leaves ``obtained.json`` beside them for review; only ``qbench baseline
+update`` (or pytest's ``--qbench-update-baselines``) rewrites a baseline.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from qbench.case import Case, device_class
+from qbench.env import kernel_identity, kernel_slug
 from qbench.errors import UsageError
 
 SCHEMA = "qbench.baseline/1"
@@ -103,20 +109,48 @@ def quarantine(path: Path) -> Path:
     return bad
 
 
-def load(root: Path, case: Case, force: bool = False) -> dict | None:
-    """The stored baseline of ``case``, or None when there is none. A damaged one is a UsageError, unless
-    ``force`` (``qbench baseline update --force``): then it is moved aside to ``baseline.json.corrupt`` and the
-    case has no baseline, so the update writes a new one."""
-    path = case_dir(root, case) / BASELINE_FILE
-    if not path.is_file():
-        return None
+def kernel_file(kernels: dict) -> str:
+    """The name of the baseline recorded on ``kernels`` when ``baseline.json`` holds another kernel set's."""
+    return f"baseline.{kernel_slug(kernels)}.json"
+
+
+def candidates(root: Path, case: Case, kernels: dict | None = None) -> list[Path]:
+    """The case's baseline files in the order a run on ``kernels`` prefers them: its own kernel set's file, then
+    ``baseline.json``, then any other kernel set's."""
+    d = case_dir(root, case)
+    own = [d / kernel_file(kernels)] if kernel_identity(kernels) else []
+    others = sorted(p for p in d.glob("baseline.*.json") if p not in own)
+    return [p for p in own + [d / BASELINE_FILE] + others if p.is_file()]
+
+
+def load(root: Path, case: Case, force: bool = False, kernels: dict | None = None) -> dict | None:
+    """The stored baseline of ``case`` for a run on ``kernels`` (the first of :func:`candidates`), or None when
+    there is none. A damaged one is a UsageError, unless ``force`` (``qbench baseline update --force``): then it is
+    moved aside to ``<name>.corrupt`` and the next candidate is read, so the update writes a new one."""
+    for path in candidates(root, case, kernels):
+        try:
+            return _read(path, case)
+        except _Damaged as e:
+            if not force:
+                raise UsageError(str(e)) from None
+            quarantine(path)
+    return None
+
+
+def update_target(root: Path, case: Case, kernels: dict | None) -> Path:
+    """Where ``qbench baseline update`` on ``kernels`` writes: ``baseline.json`` when it is absent, unreadable,
+    unrecorded (made before qbench recorded kernels) or of the same kernel set; else this kernel set's own file, so
+    that recording a second kernel set never replaces the first one's numbers."""
+    primary = case_dir(root, case) / BASELINE_FILE
+    if kernel_identity(kernels) is None or not primary.is_file():
+        return primary
     try:
-        return _read(path, case)
-    except _Damaged as e:
-        if not force:
-            raise UsageError(str(e)) from None
-        quarantine(path)
-        return None
+        stored = json.loads(primary.read_text(encoding="utf-8")).get("kernels")
+    except (OSError, ValueError, AttributeError):
+        return primary
+    if kernel_identity(stored) in (None, kernel_identity(kernels)):
+        return primary
+    return primary.with_name(kernel_file(kernels))
 
 
 class _Damaged(Exception):
@@ -151,7 +185,9 @@ def _read(path: Path, case: Case) -> dict:
 
 
 def write(root: Path, case: Case, data: dict, obtained: bool = False) -> Path:
-    path = case_dir(root, case) / (OBTAINED_FILE if obtained else BASELINE_FILE)
+    """Write a baseline (to :func:`update_target` for its own ``kernels`` record) or the ``obtained.json`` of a
+    failed verdict; the path written."""
+    path = case_dir(root, case) / OBTAINED_FILE if obtained else update_target(root, case, data.get("kernels"))
     atomic_write_json(path, {k: v for k, v in data.items() if not k.startswith("_")})
     return path
 

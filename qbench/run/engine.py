@@ -21,7 +21,7 @@ from qbench.judge.verdict import (
 )
 from qbench.run.config import RunConfig, config_doc
 from qbench.run.context import ModelContext, Progress, no_progress, prepare_model
-from qbench.run.judging import judge_case, refuse_incomparable
+from qbench.run.judging import judge_case, kernels_of, refuse_incomparable
 from qbench.run.measuring import measure_case
 from qbench.run.outcome import case_fields, error_result
 from qbench.run.reference import score_reference
@@ -96,7 +96,7 @@ def run_cases(
         ]
         baselines = {}
         for case in cases:  # a damaged baseline is bad input: say so before any model is loaded
-            baselines[case.id] = store.load(cfg.baselines, case, force=cfg.force)
+            baselines[case.id] = store.load(cfg.baselines, case, force=cfg.force, kernels=kernels_of(case.device))
             perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)
         # An earlier run's finished cases are kept; one that ended in error is run again.
         kept = {c.id for c in cases if c.id in done and done[c.id].get("status") != ERROR}

@@ -73,7 +73,7 @@ def refuse_incomparable(case: Case, ctx: ModelContext, cfg: RunConfig, baseline:
     if not refused:
         return None
     verdict = judge([], [], refused, cfg.lenient)
-    info = {"path": str(store.case_dir(cfg.baselines, case) / store.BASELINE_FILE), "compared": False}
+    info = {"path": baseline.get("_path"), "compared": False}
     info["kernels"] = kernels_of(case.device)
     return {
         **case_fields(case),
@@ -91,11 +91,16 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
         m["quality"], method.quality_bounds, label
     )
     record = baseline_record(case, ctx, m)
-    baseline = store.load(cfg.baselines, case, force=cfg.force)
-    info = {"path": str(store.case_dir(cfg.baselines, case) / store.BASELINE_FILE), "compared": False}
+    baseline = store.load(cfg.baselines, case, force=cfg.force, kernels=record["kernels"])
+    same_kernels = baseline is not None and qenv.kernel_identity(baseline.get("kernels")) == qenv.kernel_identity(
+        record["kernels"]
+    )
+    target = store.update_target(cfg.baselines, case, record["kernels"])
+    info = {"path": baseline["_path"] if baseline and not cfg.update_baselines else str(target), "compared": False}
     info["kernels"] = record["kernels"]
     if cfg.update_baselines:
-        old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline else {}
+        # What changed is told against the baseline being replaced: this kernel set's, not another's.
+        old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline and same_kernels else {}
         store.write(cfg.baselines, case, record)
         if perf_baseline.timed_enough(cfg.workload) and not cfg.device_map:
             perf_baseline.write(store.case_dir(cfg.baselines, case), m["perf"], m["memory"], case.device)
@@ -112,7 +117,6 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
         )
         return verdict.status, verdict.reasons + [info["note"]], info
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
-    same_kernels = (baseline.get("kernels") or {}).get("kernel_set") == record["kernels"]["kernel_set"]
     r_reasons = [] if refused else regression_gate(m, baseline, label, same_kernels)
     info["compared"] = not refused
     if note := kernels_note(baseline.get("kernels"), record["kernels"]):
@@ -159,10 +163,13 @@ def kernels_note(stored: dict | None, now: dict) -> str | None:
     cross-kernel ones of qbench.judge.tolerances, which were measured to hold there; its speed is not comparable."""
     if stored is None:
         return None  # baselines made before qbench recorded kernels: nothing to say which
-    if stored.get("kernel_set") == now["kernel_set"]:
+    if qenv.kernel_identity(stored) == qenv.kernel_identity(now):
         return None
     where = f" on {stored['cpu_model']}" if stored.get("cpu_model") else ""
+    here = f" on {now['cpu_model']}" if now.get("cpu_model") else ""
     return (
-        f"note: baseline made with kernel set {stored.get('kernel_set')}{where}, this run used {now['kernel_set']}; "
-        "quality is judged with the cross-kernel bounds (qbench/judge/tolerances.py)"
+        f"note: baseline made with kernel set {stored.get('kernel_set')}{where}, this run used {now['kernel_set']}"
+        f"{here}; quality is judged with the cross-kernel bounds (qbench/judge/tolerances.py), which miss faults "
+        "smaller than kernel noise (a 2% scale error in 4-bit weights): record this kernel set's own baseline with "
+        "`qbench baseline update` on this machine"
     )

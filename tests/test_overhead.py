@@ -16,6 +16,7 @@ from qbench.measure.timing import _cache_name, measure_speed
 from qbench.models.zoo import GLM_TINY_DIR
 
 NEW_TOKENS = 32
+PAIRS = 15  # timed pairs under `nox -s bench`; the default run makes one, untimed
 
 
 def _bare_decode_tok_s(model, ids) -> float:
@@ -42,16 +43,19 @@ def test_decode_overhead_against_bare_loop(benchmark):
     ratios = []
 
     def pairs():
-        for _ in range(15):  # interleaved, so drift of the machine hits both sides alike
+        for _ in range(PAIRS if not benchmark.disabled else 1):  # interleaved, so drift of the machine hits both sides alike
             ours = measure_speed(model, ids, NEW_TOKENS, repeat=1, warmup=0)["model_only"]["decode_tok_s"]["mean"]
             ratios.append(ours / _bare_decode_tok_s(model, ids))
 
     benchmark.pedantic(pairs, rounds=1, iterations=1)
+    # Both loops ran and produced a speed (the default run stops here: one untimed pass of the code path).
+    assert len(ratios) == (1 if benchmark.disabled else PAIRS) and all(r > 0 for r in ratios), ratios
+    if benchmark.disabled:
+        return
     ratio = statistics.median(ratios)
     benchmark.extra_info["qbench_over_bare_decode"] = ratio
-    # The issue's goal is within 2%; `nox -s bench` (an idle machine) holds it to that. In the default run the
-    # machine is whatever CI hands out: on the 2-core Xeon single pairs ranged 0.64-1.65 and the median of 9 pairs
-    # 0.92-1.05 in isolated runs, and 0.914 once deep in a full suite (pairs 0.81-1.00). So the default run asserts
-    # 10%, over 15 pairs: still short of what a per-step cost in the loop does on glm-tiny (~5 ms a step: a
-    # 1 ms sleep planted at each stamp of the loop measured 0.81 and fails).
-    assert ratio >= (0.90 if benchmark.disabled else 0.98), ratios
+    # The issue's goal is within 2%, held under `nox -s bench` (an idle machine). Not asserted in the default run:
+    # there the machine is whatever CI hands out, and on the 2-core Xeon single pairs ranged 0.64-1.65, the median of 9
+    # pairs 0.92-1.05 in isolated runs and 0.914 once deep in a full suite, against 0.90 asserted then (issue 21: a
+    # flaky bound). A 1 ms sleep planted at each stamp of the loop measured 0.81 and fails this.
+    assert ratio >= 0.98, ratios

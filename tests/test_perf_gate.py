@@ -77,7 +77,19 @@ def test_a_negative_baseline_cost_counts_as_zero(tmp_path):
     stored = perf.load(tmp_path, "cpu")
     assert perf.gate(_with_gap(0.9), {}, "cpu", stored, "m") == ([], None)
     reasons, _ = perf.gate(_with_gap(1.5), {}, "cpu", stored, "m")
-    assert len(reasons) == 1 and "+1.5 ms > 1 allowed" in reasons[0]
+    assert len(reasons) == 1 and "+1.5 ms > 1.2 allowed" in reasons[0]
+
+
+@pytest.mark.parametrize("gap_ms", [0.37, 1.0, 1.53])
+def test_a_2ms_rise_is_caught_over_every_quiet_baseline_gap(tmp_path, gap_ms):
+    """The quiet baseline gaps measured on glm-tiny span 0.37-1.53 ms; a 2 ms per-step cost added on top must fail
+    the gate over each. Planted: the old bound (1 ms + 100% of the baseline's gap) passes it at 1.0 and 1.53 ms."""
+    perf.write(tmp_path, _with_gap(gap_ms), {}, "cpu")
+    stored = perf.load(tmp_path, "cpu")
+    reasons, _ = perf.gate(_with_gap(gap_ms + 2.0), {}, "cpu", stored, "m")
+    assert len(reasons) == 1 and reasons[0].startswith("generate's own cost per token"), reasons
+    # ...while the largest quiet rise seen (+0.91 ms) passes.
+    assert perf.gate(_with_gap(gap_ms + 0.91), {}, "cpu", stored, "m") == ([], None)
 
 
 def test_a_baseline_timed_on_the_other_path_is_not_compared(stored):
@@ -86,11 +98,16 @@ def test_a_baseline_timed_on_the_other_path_is_not_compared(stored):
     assert reasons == [] and "model only path" in note and "qbench baseline update" in note
 
 
+@pytest.mark.bench
 @pytest.mark.slow
-def test_planted_sleep_in_a_logits_processor_is_a_regression(tmp_path, monkeypatch):
+def test_planted_sleep_in_a_logits_processor_is_a_regression(tmp_path, monkeypatch, benchmark):
     """The case the switch to generate exists for: generate got slower around an unchanged model. A 2 ms sleep per
     step inside a logits processor must turn the case into `regression` (decode tok/s alone drops by less than the
-    50% TOK_S_DROP on glm-tiny, so only the framework-cost gate can see it)."""
+    50% TOK_S_DROP on glm-tiny, so only the framework-cost gate can see it).
+
+    A timing assertion, so it runs under `nox -s bench` (a quiet machine) only: on a loaded 2-core machine single
+    framework-cost gaps measured 2.8, -19.4, 23.4 and -21.3 ms (issue 21), ten times the plant. The gate's arithmetic
+    is checked without timing above (test_framework_cost_growth_fails_even_when_decode_speed_holds)."""
     import functools
     import time
 
@@ -98,7 +115,9 @@ def test_planted_sleep_in_a_logits_processor_is_a_regression(tmp_path, monkeypat
     from qbench.run import RunConfig, measuring, run_cases
     from qbench.run.workload import Workload
 
-    cfg = RunConfig(methods=["bf16"], workload=Workload(repeat=3), baselines=tmp_path, update_baselines=True)
+    if benchmark.disabled:
+        pytest.skip("timing assertion: judged under `nox -s bench` on a quiet machine (noise under load: see docstring)")
+    cfg = RunConfig(methods=["bf16"], workload=Workload(repeat=5), baselines=tmp_path, update_baselines=True)
     assert run_cases(cfg)["cases"][0]["status"] == "pass"
 
     class Sleeps:
@@ -112,7 +131,7 @@ def test_planted_sleep_in_a_logits_processor_is_a_regression(tmp_path, monkeypat
     (case,) = run_cases(cfg)["cases"]
     assert case["status"] == "regression", case["reasons"]
     assert any(r.startswith("generate's own cost per token") for r in case["reasons"]), case["reasons"]
-    assert case["perf"]["framework_ms_per_token"]["mean"] > 2.0
+    assert case["perf"]["framework_ms_per_token"]["median"] > 2.0
 
 
 def test_one_slow_run_moves_the_mean_but_not_the_gated_median(tmp_path):

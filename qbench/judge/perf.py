@@ -44,8 +44,12 @@ PEAK_GROWTH = 0.05
 # was bnb-nf4's 0.37 -> 1.17 (+0.80 against 1.37 allowed, 1.7x); under load (load average 8-14) single runs
 # measured -88.8 to +38.7 ms, hence MIN_REPEAT and a quiet machine for perf baselines. It must catch a logits
 # processor that sleeps 2 ms per step (tests/test_perf_gate.py), whose decode tok/s drop on glm-tiny stays under
-# TOK_S_DROP: 1 ms + 100% of the baseline's gap leaves that 2 ms caught for any baseline gap under 1 ms.
-FRAMEWORK_GROWTH_MS, FRAMEWORK_GROWTH_REL = 1.0, 1.0
+# TOK_S_DROP. The bound was 1 ms + 100% of the baseline's gap, which let that 2 ms through for any baseline gap of
+# 1 ms or more, and the quiet gaps above reach 1.53 ms (issue 21). Now 1.2 ms + 25%: the largest quiet rises keep
+# 1.5x (bf16, +0.91 against 1.36 allowed) and 1.6x (bnb-nf4, +0.80 against 1.29) headroom, and a 2 ms rise is caught
+# over any baseline gap up to 3.2 ms (glm-tiny's quiet ones are 0.37-1.53 ms); the 25% keeps a larger model's larger
+# gap (more cache handling per step) from flagging its own proportional noise.
+FRAMEWORK_GROWTH_MS, FRAMEWORK_GROWTH_REL = 1.2, 0.25
 
 
 # A perf baseline, and a run gated against one, needs a warm-up and at least this many timed runs: a single

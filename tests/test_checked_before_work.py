@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -91,6 +92,128 @@ def test_read_only_directory_is_refused_before_work(capsys, tmp_path, what):
 def test_directory_as_results_file_is_refused(capsys, tmp_path):
     err = _one_line_usage_error(capsys, "run", "--json", str(tmp_path))
     assert "is a directory; pass a file path" in err
+
+
+# --- 5b. the results file's folder and lock, at every door that locks one (run, baseline update, --endpoint) ---------
+
+FAST = ["--in-process", "--repeat", "1", "--new-tokens", "4", "--context", "8"]
+DOORS = {
+    "run": ["run", "--method", "bf16", *FAST],
+    "baseline update": ["baseline", "update", "--method", "bf16", *FAST],
+    "run --endpoint": ["run", "--endpoint", "http://127.0.0.1:9", "--requests", "1", "--concurrency", "1"],
+}
+
+
+@pytest.fixture
+def work(monkeypatch, tmp_path):
+    """The work behind each door, faked: a case (in-process or served) records the lock files present while it
+    "runs" and passes at once; loading any model fails the test. Returns the list of what each case saw."""
+    from qbench import env as qenv
+    from qbench.models import loading
+    from qbench.run import config_doc, devices, endpoint, engine, measuring, reference
+    from qbench.run.outcome import case_fields
+
+    seen: list[list[str]] = []
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    for module in (devices, measuring, reference):  # and the names it is imported under
+        monkeypatch.setattr(module, "load_model", no_model)
+    monkeypatch.setattr(loading, "load_causal_lm", no_model)
+
+    def locks() -> list[str]:
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.lock"))
+
+    def execute_case(case, ctx, cfg, progress):
+        seen.append(locks())
+        return {**case_fields(case), "status": "pass", "reasons": []}
+
+    def run_endpoint(cfg, ep, progress, on_case=None, update=False):
+        seen.append(locks())
+        doc = {"schema": "qbench.results/1", "env": qenv.collect("cpu"), "wall_s": 0.0}
+        doc["config"] = {**config_doc(cfg), "methods": ["endpoint"]}
+        doc["cases"] = [{"id": "glm-tiny-endpoint", "model": "glm-tiny", "method": "endpoint", "device": "cpu"}]
+        doc["cases"][0].update(status="pass", reasons=[])
+        if on_case:
+            on_case(doc)
+        return doc
+
+    monkeypatch.setattr(engine, "score_reference", lambda ctx, cfg, progress: None)
+    monkeypatch.setattr(engine, "execute_case", execute_case)
+    monkeypatch.setattr(endpoint, "run_endpoint", run_endpoint)
+    monkeypatch.setenv("QBENCH_BASELINES", str(tmp_path / "baselines"))  # none stored: nothing refused
+    return seen
+
+
+def _no_lock_files(root) -> bool:
+    return not [p for p in root.rglob("*.lock") if not p.is_dir()]
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_results_in_a_missing_folder_are_refused_before_work(capsys, tmp_path, work, door):
+    """The issue's reproducer (a FileNotFoundError traceback from the lock, opened before the path was checked): exit
+    2 with one line naming the missing folder and the fix, no lock, no folder made, no case run."""
+    out = tmp_path / "new" / "deeper" / "r.json"
+    err = _one_line_usage_error(capsys, *DOORS[door], "--json", str(out))
+    assert f"--json {out}: no directory {out.parent}; create it first" in err, err
+    assert work == [], "no case ran"
+    assert not (tmp_path / "new").exists() and _no_lock_files(tmp_path)
+
+
+def _deny_writes_in(monkeypatch, ro) -> None:
+    """``ro`` read-only; where chmod does not stop writes (root), ``os.access`` is made to say so, which is what
+    the check before work asks."""
+    ro.chmod(0o555)
+    if not _chmod_stops_writes(ro):
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if p == ro and mode & os.W_OK else access(p, mode))
+
+
+@pytest.mark.parametrize("door", DOORS)
+@pytest.mark.parametrize("where", ["folder under a file", "read-only folder", "a directory", "lock in the way"])
+def test_a_results_path_that_cannot_be_written_is_one_line_before_work(
+    capsys, tmp_path, monkeypatch, work, door, where
+):
+    """Exit 2 with one line naming the path and the fix, before any lock is taken or model loaded; an earlier
+    results file stays as it was."""
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('{"planted": "earlier results"}')
+    if where == "folder under a file":  # a folder that cannot be made
+        out, expect = tmp_path / "earlier.json" / "new" / "r.json", "is a file, not a directory; pass a path in"
+    elif where == "read-only folder":
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        _deny_writes_in(monkeypatch, ro)
+        out, expect = ro / "r.json", f"cannot write in {ro} (permission denied"
+    elif where == "a directory":
+        out, expect = tmp_path, "is a directory; pass a file path in it"
+    else:  # the results file is fine; its lock file cannot be made
+        out, expect = earlier, "stands where its lock file goes; remove it or pass another --json"
+        (tmp_path / "earlier.json.lock").mkdir()
+    try:
+        err = _one_line_usage_error(capsys, *DOORS[door], "--json", str(out))
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)
+    assert f"--json {out}: " in err and expect in err, err
+    assert work == [], "no case ran"
+    assert earlier.read_text() == '{"planted": "earlier results"}'
+    assert _no_lock_files(tmp_path)
+    assert not (tmp_path / "ro" / "new").exists() and not (tmp_path / "new").exists()
+
+
+def test_the_lock_refuses_what_it_cannot_create_in_one_line(tmp_path):
+    """``locked`` itself (a folder made unwritable after the check, a read-only file system): a UsageError naming the
+    path, never an OSError."""
+    from qbench.report.results import locked
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    what = re.escape(f"--json {blocker}/sub/r.json: cannot create {blocker}/sub/r.json.lock (")
+    with pytest.raises(UsageError, match=what) as e, locked(blocker / "sub" / "r.json"):
+        pass
+    assert "pass a --json in a writable directory" in str(e.value) and "\n" not in str(e.value)
 
 
 # --- 6. checkpoint files whole before the first case ----------------------------------------------------------------

@@ -71,10 +71,18 @@ def test_plot_points_are_quality_size_and_speed(results):
     ]
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": "other/1"})])
-def test_other_files_are_refused(tmp_path, capsys, content):
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"schema": "other/1"}), "not a qbench results file (schema 'other/1')"),
+    ],
+)
+def test_other_files_are_refused(tmp_path, capsys, content, problem):
+    """Exit 2 and one line that names the file, the problem and the fix (a file written by `qbench run --json`)."""
     bad = tmp_path / "x.json"
     bad.write_text(content)
     assert main(["report", str(bad)]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "qbench run --json" in err or "not a qbench results file" in err
+    assert len(err.splitlines()) == 1, err
+    assert f"{bad}: {problem}" in err and "written by `qbench run --json`" in err, err

@@ -96,7 +96,9 @@ def execute(args, update: bool, console: Console, err: Console, cfg) -> int:
     if path:
         from qbench.judge.store import check_writable
 
-        check_writable(path, "--json")
+        # A results file in a folder that does not exist is refused, not made: a typo in --json would otherwise
+        # scatter results into new folders (issue 21: one line, exit 2, before any lock or model).
+        check_writable(path, "--json", makes_parents=False)
     t0 = time.perf_counter()
 
     def progress(case: str, stage: str) -> None:

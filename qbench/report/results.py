@@ -27,8 +27,9 @@ def load_results(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e}); pass a results file written by `qbench run --json`") from None
     if not isinstance(data, dict) or data.get("schema") != "qbench.results/1" or "cases" not in data:
+        schema = data.get("schema") if isinstance(data, dict) else None
         raise UsageError(
-            f"{path}: not a qbench results file (schema {data.get('schema') if isinstance(data, dict) else None!r})"
+            f"{path}: not a qbench results file (schema {schema!r}); pass a results file written by `qbench run --json`"
         )
     return data
 
@@ -96,17 +97,34 @@ def extend_results(earlier: dict | None, doc: dict, resumed: bool = False) -> tu
     return {**doc, "config": config, "cases": cases, "wall_s": wall}, kept
 
 
+def _open_lock(path: Path, lock_path: Path) -> int:
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise UsageError(
+            f"--json {path}: a directory {lock_path} stands where its lock file goes; remove it or pass another --json"
+        ) from None
+    except OSError as e:  # a folder that cannot be made, a read-only file system, a lock file owned by another user
+        raise UsageError(
+            f"--json {path}: cannot create {e.filename or lock_path} ({e.strerror or e}); "
+            "pass a --json in a writable directory"
+        ) from None
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[Path]:
     """Hold ``PATH.lock`` (an exclusive, non-blocking ``flock``) while a run writes the results file ``path``, so a
     second run on the same file is refused (a UsageError naming the first one's pid) instead of both rewriting it.
-    The lock file is removed at the end; one left behind by a killed run holds no lock and is taken over."""
+    The lock file is removed at the end; one left behind by a killed run holds no lock and is taken over.
+
+    The doors check ``path``'s folder before any work (``check_writable``); a lock file that still cannot be made
+    (a folder removed since, a read-only file system) is a UsageError naming it, never an OSError traceback."""
     import fcntl
 
     path = Path(path)
     lock_path = path.with_name(path.name + LOCK_SUFFIX)
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path, lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -119,6 +119,7 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
     r_reasons = [] if refused else regression_gate(m, baseline, label, same_kernels)
     info["compared"] = not refused
+    info["same_kernels"] = same_kernels  # which bounds judged it: the same-kernel ones or the cross-kernel ones
     if note := kernels_note(baseline.get("kernels"), record["kernels"]):
         info["kernels_note"] = note
     stored_perf = perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)

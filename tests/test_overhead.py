@@ -43,7 +43,8 @@ def test_decode_overhead_against_bare_loop(benchmark):
     ratios = []
 
     def pairs():
-        for _ in range(PAIRS if not benchmark.disabled else 1):  # interleaved, so drift of the machine hits both sides alike
+        # Interleaved, so drift of the machine hits both sides alike.
+        for _ in range(PAIRS if not benchmark.disabled else 1):
             ours = measure_speed(model, ids, NEW_TOKENS, repeat=1, warmup=0)["model_only"]["decode_tok_s"]["mean"]
             ratios.append(ours / _bare_decode_tok_s(model, ids))
 

@@ -116,7 +116,9 @@ def test_planted_sleep_in_a_logits_processor_is_a_regression(tmp_path, monkeypat
     from qbench.run.workload import Workload
 
     if benchmark.disabled:
-        pytest.skip("timing assertion: judged under `nox -s bench` on a quiet machine (noise under load: see docstring)")
+        pytest.skip(
+            "timing assertion: judged under `nox -s bench` on a quiet machine (noise under load: see docstring)"
+        )
     cfg = RunConfig(methods=["bf16"], workload=Workload(repeat=5), baselines=tmp_path, update_baselines=True)
     assert run_cases(cfg)["cases"][0]["status"] == "pass"
 

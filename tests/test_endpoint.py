@@ -4,7 +4,7 @@ The server here is a fake written for the tests (stdlib ``http.server`` in a thr
 (``prompt_logprobs`` keyed by token id, ``token_ids``, server-sent events) with glm-tiny's real fp32 logits,
 computed in-process: so the honest server must pass the drift verdict against the stored bf16 reference, and each
 planted fault (perturbed log-probs, slow streaming, HTTP errors, timeouts, a server dying mid-run, malformed JSON,
-no log-prob support) must give its verdict or exit 2, never a hang.
+no log-prob support) must give its verdict or exit 2, never a hang, with one reason naming its cause and its fix.
 """
 
 from __future__ import annotations
@@ -23,11 +23,20 @@ from ports import free_port
 from qbench.cli import main
 from qbench.errors import UsageError
 from qbench.judge.store import default_root
+from qbench.judge.tolerances import REGRESSION_TOLERANCES
 from qbench.models import zoo
 from qbench.quality.drift import DriftAccumulator, build_reference, iter_logprobs
 from qbench.quality.served import lumped_kld, served_drift
 from qbench.run.config import RunConfig
-from qbench.run.endpoint import EndpointConfig, engine_label, run_endpoint
+from qbench.run.endpoint import (
+    VLLM_TOKENS_FIX,
+    EndpointConfig,
+    endpoint_reason,
+    engine_label,
+    greedy_ids,
+    prompt_logprobs,
+    run_endpoint,
+)
 from qbench.serve.client import Client, EndpointError, normalize_url
 
 NAME = "glm-tiny"
@@ -75,6 +84,12 @@ class Fake:
         return out[0, len(ids) :].tolist()
 
 
+def vllm_error(message: str, kind: str, code: int) -> dict:
+    """vLLM's error body (vllm/entrypoints/openai/protocol.py ErrorResponse), e.g. for an unknown model:
+    ``{"object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError", "code": 404}``."""
+    return {"object": "error", "message": message, "type": kind, "param": None, "code": code}
+
+
 def handler_for(fake: Fake):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -101,6 +116,13 @@ def handler_for(fake: Fake):
                 return
             if self.path == "/v1/models" and fake.fault == "openai_only":  # transformers serve without a hub cache
                 self.send(500, {"detail": "Internal Server Error"})
+            elif self.path == "/v1/models" and fake.fault == "no_route":  # not the API's base URL: FastAPI's 404
+                self.send(404, {"detail": "Not Found"})
+            elif self.path == "/v1/models" and fake.fault == "unknown_model":  # lists nothing: --served-model trusted
+                self.send(200, {"object": "list", "data": []})
+            elif self.path == "/v1/models" and fake.fault == "hang_models":  # still loading the model
+                time.sleep(3)
+                self.send(200, {"object": "list", "data": [{"id": NAME, "owned_by": "fakellm"}]})
             elif self.path == "/v1/models":
                 self.send(200, {"object": "list", "data": [{"id": NAME, "owned_by": "fakellm"}]})
             elif self.path == "/version":
@@ -123,6 +145,39 @@ def handler_for(fake: Fake):
                 return self.send(503, {"error": {"message": "overloaded"}})
             if fake.fault == "http500":
                 return self.send(500, {"error": {"message": f"boom, your key was {KEY}"}})
+            if fake.fault == "http400":  # a refusal in words no kind names
+                return self.send(400, {"error": {"message": "frobnication is not supported"}})
+            if fake.fault == "max_logprobs" and body.get("prompt_logprobs", 0) > 20:  # vLLM's --max-logprobs 20
+                k = body["prompt_logprobs"]
+                msg = f"Requested prompt logprobs of {k}, which is greater than max allowed: 20"
+                msg += f" (parameter=prompt_logprobs, value={k})"  # newer vLLM names the field
+                return self.send(400, vllm_error(msg, "BadRequestError", 400))
+            if fake.fault == "unknown_model":
+                return self.send(404, vllm_error(f"The model `{body['model']}` does not exist.", "NotFoundError", 404))
+            if fake.fault == "no_route":
+                return self.send(404, {"detail": "Not Found"})
+            if fake.fault == "context":  # a server started with a context shorter than a scoring window
+                msg = (
+                    "This model's maximum context length is 64 tokens. However, you requested 129 tokens (128 in the "
+                    "messages, 1 in the completion). Please reduce the length of the messages or completion."
+                )
+                return self.send(400, vllm_error(msg, "BadRequestError", 400))
+            if fake.fault == "redirect":
+                self.send_response(307)
+                self.send_header("Location", "http://127.0.0.1:9/v1/completions")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if fake.fault == "truncated":  # the server dies while sending its answer
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"choices": [')
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if fake.fault == "malformed":
                 return self.send(200, None, raw=b"<html>502 Bad Gateway</html>")
             if fake.fault == "hang":
@@ -143,7 +198,9 @@ def handler_for(fake: Fake):
             if body.get("stream"):
                 return self.stream(prompt, n)
             choice = {"index": 0, "text": "", "finish_reason": "length"}
-            if body.get("prompt_logprobs") and fake.fault != "no_logprobs":
+            if fake.fault in ("bos_added", "bos_echoed"):  # ignores add_special_tokens: false
+                prompt = [2, *prompt]
+            if body.get("prompt_logprobs") and fake.fault not in ("no_logprobs", "no_logprobs_cut"):
                 logp = fake.logprobs(prompt)
                 k = body["prompt_logprobs"]
                 entries = [None]
@@ -156,11 +213,17 @@ def handler_for(fake: Fake):
                     }
                     d.setdefault(str(prompt[pos]), {"logprob": row[prompt[pos]].item(), "rank": None})
                     entries.append(d)
+                if fake.fault == "text_keys":  # keyed by token text, as some servers do
+                    entries = [None] + [{f"tok{t}": v for t, v in d.items()} for d in entries[1:]]
                 choice["prompt_logprobs"] = entries
                 choice["prompt_token_ids"] = prompt
-                if fake.fault in ("text_only", "other_tokenizer"):
+                if fake.fault in ("text_only", "other_tokenizer", "bos_added"):
                     del choice["prompt_token_ids"]  # as the OpenAI API: nothing echoed to check against
             choice["token_ids"] = fake.greedy(prompt, n)
+            if fake.fault == "short_greedy":  # stopped at EOS: min_tokens and ignore_eos not honoured
+                choice["token_ids"] = choice["token_ids"][: n - 3]
+            if fake.fault == "no_token_ids":  # neither return_token_ids nor return_tokens_as_token_ids known
+                del choice["token_ids"]
             self.send(200, {"object": "text_completion", "model": NAME, "choices": [choice]})
 
         def stream(self, prompt: list[int], n: int) -> None:
@@ -170,7 +233,17 @@ def handler_for(fake: Fake):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
-            for i in ids:
+            for sent, i in enumerate(ids):
+                if fake.fault in ("cut_stream", "no_logprobs_cut") and sent == 2:  # the server dies mid-answer
+                    return
+                if fake.fault == "stream_error" and sent == 2:  # vLLM: a failure after the stream began, as an event
+                    msg = "EngineCore encountered an issue. See stack trace for the root cause."
+                    error = {"error": vllm_error(msg, "InternalServerError", 500)}
+                    self.wfile.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                    return
+                if fake.fault == "bad_event" and sent == 2:
+                    self.wfile.write(b"data: {'choices': oops}\n\n")
+                    return
                 if fake.fault == "slow":  # a slow kernel: 40 ms per token
                     time.sleep(0.04)
                 event = {"choices": [{"index": 0, "text": "x", "token_ids": [i]}]}
@@ -315,7 +388,7 @@ def test_unreachable_server_exits_2_quickly(capsys):
 def test_wrong_model_name_exits_2_naming_the_served_ones(fake, server, capsys):
     code = main(["run", "--endpoint", server[1], "--model", NAME, "--served-model", "glm-huge"])
     assert code == 2
-    assert "it serves glm-tiny" in capsys.readouterr().err
+    assert "it serves glm-tiny: pass one of those to --served-model" in capsys.readouterr().err
 
 
 def test_http_503_is_retried_a_bounded_number_of_times(fake, server):
@@ -323,7 +396,80 @@ def test_http_503_is_retried_a_bounded_number_of_times(fake, server):
     client = Client(server[1], retries=2, backoff_s=0.01)
     with pytest.raises(EndpointError) as e:
         client.complete({"model": NAME, "prompt": [1, 2]})
-    assert e.value.kind == "http" and fake.requests == 3
+    assert e.value.kind == "overloaded" and e.value.status == 503 and fake.requests == 3
+    assert "the server is overloaded or restarting: HTTP 503 Service Unavailable (all 3 tries): overloaded" in str(
+        e.value
+    )
+
+
+# -- faults found before the case: exit 2, one line with the cause and the fix -------------------------------------
+
+
+@pytest.fixture
+def not_http():
+    """A port where something other than HTTP answers (an SSH banner): it reads the request, answers, hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    t.join(5)
+    listener.close()
+
+
+def test_a_port_that_does_not_speak_http_exits_2_naming_it(not_http, capsys):
+    """Planted: BadStatusLine is no OSError, so it escaped every handler as an unexplained error."""
+    assert main(["run", "--endpoint", not_http, "--model", NAME]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "the answer is not HTTP (BadStatusLine" in err
+    assert "fix: something other than an HTTP server listens there: check the port in --endpoint" in err
+    assert "start the server first" not in err and "Traceback" not in err
+
+
+def test_https_to_a_plain_server_exits_2_naming_tls(fake, server, capsys):
+    url = server[1].replace("http://", "https://")
+    assert main(["run", "--endpoint", url, "--model", NAME]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the TLS handshake failed (SSLError" in err
+    assert "fix: use http:// for a server without TLS, or make its certificate trusted (SSL_CERT_FILE)" in err
+    assert "start the server first" not in err and "Traceback" not in err
+
+
+def test_a_url_without_the_api_exits_2_naming_the_base_url(fake, server, baselines):
+    fake.fault = "no_route"
+    with pytest.raises(UsageError) as e:
+        run(server[1], baselines)
+    assert "no such endpoint at this URL: HTTP 404 Not Found: Not Found" in str(e.value)
+    assert "fix: nothing answers /v1/models there: pass the server's base URL as --endpoint" in str(e.value)
+    assert "its model list failed" not in str(e.value)
+
+
+def test_a_server_still_loading_exits_2_saying_wait(fake, server, baselines):
+    """/v1/models answers after 3 s, the request timeout is 1 s: a timeout, not a server to start."""
+    fake.fault = "hang_models"
+    t0 = time.perf_counter()
+    with pytest.raises(UsageError) as e:
+        run(server[1], baselines, timeout=1.0, retries=0)
+    assert time.perf_counter() - t0 < 30
+    assert "/v1/models: no answer within 1 s (1 tries)" in str(e.value)
+    assert "fix: it accepted the connection but did not list its models in time: wait until it has loaded" in str(
+        e.value
+    )
+    assert "start the server first" not in str(e.value)
 
 
 # -- whole cases ---------------------------------------------------------------------------------------------------
@@ -347,9 +493,14 @@ def test_honest_server_passes_and_speed_is_measured(fake, server, baselines, tmp
     # measured coverage 0.99896: bf16 and fp32 swap a few tail tokens around rank 32, which then join the rest bin
     assert q["positions"] == 4064 and q["coverage_mean"] > 0.995
     # The same fp32 model judged in-process gave KLD 4.782e-5 (baselines/glm-tiny/fp32); served here 4.788e-5 was
-    # measured (0.1% apart: the lumped figure over nearly the same bins). 5% leaves room for other CPU kernels.
+    # measured (0.1% apart: the lumped figure over nearly the same bins). That baseline was recorded on another
+    # machine and records no kernel set, so the gate would judge this run against it with its cross-kernel bound
+    # for kld_mean (qbench.judge.tolerances.REGRESSION_TOLERANCES: 1e-5 + 15%, 2.8x the largest move measured
+    # across kernel sets); a test must not be stricter across machines than the gate itself.
     in_process = json.loads((default_root() / NAME / "fp32" / "cpu" / "baseline.json").read_text())["quality"]
-    assert q["kld_mean"] == pytest.approx(in_process["kld_mean"], rel=0.05)
+    kld_tol = next(t for t in REGRESSION_TOLERANCES if t.metric == "kld_mean")
+    allowed = kld_tol.allowed(in_process["kld_mean"], same_kernels=False)
+    assert abs(q["kld_mean"] - in_process["kld_mean"]) <= allowed, (q["kld_mean"], in_process["kld_mean"], allowed)
     assert q["greedy_match"] is not None and case["checks"]["degenerate"] == {}
     serving = case["perf"]["serving"]
     assert set(serving) == {"1", "2"}
@@ -382,25 +533,250 @@ def test_slower_server_is_a_perf_regression(fake, server, baselines):
     assert any("output tok/s at concurrency 1" in r for r in case["reasons"])
 
 
-@pytest.mark.parametrize(
-    "fault,kind",
-    [
-        ("http500", "HTTP 500"),
-        ("malformed", "not JSON"),
-        ("hang", "no answer within"),
-        ("die", "RemoteDisconnected"),
-        ("no_logprobs", "drift not measurable"),
-    ],
-)
-def test_each_fault_is_an_error_verdict_without_hanging(fake, server, baselines, fault, kind):
+def longest_request() -> int:
+    """Tokens of the default run's longest request: a scoring window + 1, the longest greedy prompt + its
+    continuation, or the speed test's context + new tokens (qbench.run.endpoint.longest_request)."""
+    from qbench.models.loading import load_tokenizer
+
+    wl = RunConfig(models=[NAME]).workload
+    tok = load_tokenizer(zoo.resolve(NAME))
+    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in wl.prompt_set()["text"])
+    return max(wl.window + 1, longest + wl.greedy_tokens, max(wl.contexts) + wl.new_tokens)
+
+
+DISCONNECTED_FIX = "fix: the server crashed, restarted or was stopped (or a proxy in front of it cut the connection)"
+# One row per fault kind met during a case: (planted fault, run options, the cause its reason must name, the fix it
+# must give, what a generic message said instead and must not come back). Each fails at its first affected request.
+CASE_FAULTS = [
+    (
+        "http500",
+        {},
+        "the server failed while answering (an error of its own): HTTP 500 Internal Server Error: boom",
+        "fix: the failure is the server's own, not the request's: read the traceback in its log",
+        "--max-logprobs",
+    ),
+    (
+        "http503",
+        {"retries": 1},
+        "the server is overloaded or restarting: HTTP 503 Service Unavailable (all 2 tries): overloaded",
+        "fix: wait until the server is ready (its log says when), or lower --concurrency, then rerun",
+        "--max-logprobs",
+    ),
+    (
+        "http400",
+        {},
+        "the server refused the request: HTTP 400 Bad Request: frobnication is not supported",
+        "fix: read the server's message: qbench sends vLLM's completions fields",
+        "--max-logprobs",
+    ),
+    (
+        "max_logprobs",
+        {},
+        "the server allows fewer log-probs per position than were asked for: HTTP 400 Bad Request: Requested prompt "
+        "logprobs of 32, which is greater than max allowed: 20",
+        "fix: restart vLLM with --max-logprobs 32 or more: qbench asks for the stored reference's top-32 log-probs",
+        "drift not measurable",  # the field's name in vLLM's message once passed for "no prompt log-probs here"
+    ),
+    (
+        "unknown_model",
+        {"served_model": "glm-huge"},
+        "the server does not serve the model asked for: HTTP 404 Not Found: The model `glm-huge` does not exist.",
+        "fix: pass --served-model with a name from the server's /v1/models",
+        "--max-logprobs",
+    ),
+    (
+        "no_route",
+        {"served_model": NAME},
+        "/v1/completions: no such endpoint at this URL: HTTP 404 Not Found: Not Found",
+        "fix: pass the server's base URL as --endpoint, the one its /v1/models answers under",
+        "--max-logprobs",
+    ),
+    (
+        "context",
+        {},
+        "a request is longer than the server's context: HTTP 400 Bad Request: This model's maximum context length is "
+        "64 tokens",
+        "fix: start the server with a context of at least {need} tokens, this run's longest request (vLLM: "
+        "--max-model-len {need})",
+        "--max-logprobs",
+    ),
+    (
+        "redirect",
+        {},
+        "answered HTTP 307, a redirect to http://127.0.0.1:9/v1/completions; qbench follows none",
+        "fix: pass the address it redirects to as --endpoint",
+        "--max-logprobs",
+    ),
+    (
+        "malformed",
+        {},
+        "/v1/completions: the answer is not JSON",
+        "fix: something other than the OpenAI-compatible API answered (a proxy, a web page?): pass the server's own "
+        "base URL as --endpoint",
+        "does not speak the OpenAI completions API",
+    ),
+    (
+        "hang",
+        {"timeout": 1.0, "retries": 1},
+        "/v1/completions: no answer within 1 s (2 tries)",
+        "fix: the server is too slow or stuck: check its log (still loading? overloaded?), then raise "
+        "--request-timeout",
+        "--max-logprobs",
+    ),
+    (
+        "die",
+        {"retries": 1},
+        "the server closed the connection without answering (RemoteDisconnected",
+        DISCONNECTED_FIX,
+        "is the server still running?",
+    ),
+    (
+        "truncated",
+        {"retries": 1},
+        "/v1/completions: the connection was lost mid-answer (IncompleteRead",
+        DISCONNECTED_FIX,
+        "is the server still running?",  # (the exception once escaped the client: a reason with no fix at all)
+    ),
+    (
+        "no_logprobs",
+        {},
+        "drift not measurable for endpoint (glm-tiny at {url}) on glm-tiny: {url} returned no prompt log-probs: its "
+        "answer has no 'prompt_logprobs' although the request asked for 32 per position (field prompt_logprobs)",
+        "fix: serve it with an engine that returns prompt log-probs for the request's prompt_logprobs field (vLLM "
+        "does; llama.cpp's server and `transformers serve` do not), or pass --speed-only",
+        "stream ended",
+    ),
+    (
+        "cut_stream",
+        {"speed_only": True},
+        "/v1/completions: the server closed the stream after 2 chunks of output, without a finish_reason or "
+        "'data: [DONE]': the answer was cut off",
+        DISCONNECTED_FIX,
+        "is the server still running?",
+    ),
+    (
+        "stream_error",  # once ignored: the stream's tokens were timed as if complete and the case passed
+        {"speed_only": True},
+        "/v1/completions: the server failed while answering (an error of its own): an error in place of the answer "
+        "(code 500): EngineCore encountered an issue.",
+        "fix: the failure is the server's own, not the request's: read the traceback in its log",
+        "--max-logprobs",
+    ),
+    (
+        "bad_event",
+        {"speed_only": True},
+        "/v1/completions: a stream event is not JSON",
+        "fix: the server does not answer in the OpenAI/vLLM completions format: check that --endpoint is the "
+        "server's own base URL",
+        "--max-logprobs",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault,options,cause,fix,old", CASE_FAULTS, ids=[row[0] for row in CASE_FAULTS])
+def test_each_fault_is_an_error_verdict_naming_its_cause_and_fix(
+    fake, server, baselines, fault, options, cause, fix, old
+):
     fake.fault = fault
+    url = server[1]
     t0 = time.perf_counter()
-    # 1 s per request for the hanging server; the others answer at once, but a loaded CI machine may stall a stream
-    case = run(server[1], baselines, timeout=1.0 if fault == "hang" else 30.0, retries=1)
+    # 30 s per request: the fake answers at once, but a loaded CI machine may stall a stream
+    case = run(url, baselines, **{"timeout": 30.0, **options})
     assert time.perf_counter() - t0 < 60
-    assert case["status"] == "error"
-    assert kind in case["reasons"][0], case["reasons"]
-    assert "fix:" in case["reasons"][0]
+    assert case["status"] == "error", case["reasons"]
+    reason = case["reasons"][0]
+    need = longest_request() if fault == "context" else None
+    assert cause.format(url=url) in reason, reason
+    assert f"; {fix.format(need=need)}" in reason, reason
+    assert old not in reason and reason.count("fix:") == 1 and "\n" not in reason
+
+
+def test_no_logprobs_stays_the_reason_when_the_speed_test_fails_too(fake, server, baselines):
+    """A server without prompt log-probs whose stream then breaks: both are said, the missing log-probs first.
+    Planted: the speed test's error replaced the case's reasons, and "the stream ended before the answer was complete"
+    was all a user read about a server that returns no log-probs."""
+    fake.fault = "no_logprobs_cut"
+    case = run(server[1], baselines)
+    assert case["status"] == "error" and len(case["reasons"]) == 2, case["reasons"]
+    first, second = case["reasons"]
+    assert "returned no prompt log-probs" in first and "fix: serve it with an engine that returns prompt" in first
+    assert "stream" not in first.split("; fix:")[0]
+    assert "the server closed the stream after 2 chunks of output" in second and DISCONNECTED_FIX in second
+
+
+# -- faults of the answers' content, one request each ----------------------------------------------------------------
+
+GREEDY_FAULTS = [
+    (
+        "short_greedy",
+        "asked for exactly 8 greedy tokens (min_tokens = max_tokens = 8, ignore_eos), got 5: the server stopped early "
+        "or ignores min_tokens/ignore_eos",
+        f"fix: {VLLM_TOKENS_FIX}",
+    ),
+    (
+        "no_token_ids",
+        "returned no greedy token ids: its answer has neither 'token_ids' (asked for with return_token_ids) nor "
+        "log-prob tokens as 'token_id:N'",
+        "fix: serve the model with an engine that returns generated token ids (vLLM), or pass --speed-only",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault,cause,fix", GREEDY_FAULTS, ids=[row[0] for row in GREEDY_FAULTS])
+def test_greedy_answers_of_the_wrong_length_name_the_field_and_fix(fake, server, fault, cause, fix):
+    fake.fault = fault
+    with pytest.raises(EndpointError) as e:
+        greedy_ids(Client(server[1]), NAME, [5, 6, 7, 8], 8)
+    reason = endpoint_reason(e.value)
+    assert cause in reason and f"; {fix}" in reason, reason
+    assert "asked for 8 greedy token ids, got" not in reason  # the old words: no cause, a generic fix
+
+
+PROMPT_FAULTS = [
+    (
+        "bos_added",
+        "17 prompt log-prob entries for a prompt of 16 tokens: the server scored another prompt than the one sent "
+        "(special tokens added, or the prompt cut)",
+        f"fix: {VLLM_TOKENS_FIX}",
+    ),
+    (
+        "bos_echoed",
+        "scored other tokens than the ids sent (its echoed prompt_token_ids differ): the server re-tokenized the "
+        "prompt or added special tokens",
+        f"fix: {VLLM_TOKENS_FIX}",
+    ),
+    (
+        "text_keys",
+        "prompt log-probs keyed by token text, not token id, so they cannot be matched to the reference's tokens",
+        "fix: serve the model with an engine that keys prompt_logprobs by token id (vLLM)",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault,cause,fix", PROMPT_FAULTS, ids=[row[0] for row in PROMPT_FAULTS])
+def test_prompt_logprobs_for_other_tokens_name_the_cause_and_fix(fake, server, fault, cause, fix):
+    fake.fault = fault
+    ids = torch.arange(100, 116)  # one window of 16 token ids
+    with pytest.raises(EndpointError) as e:
+        prompt_logprobs(Client(server[1]), NAME, ids, 16, 8)
+    reason = endpoint_reason(e.value)
+    assert e.value.kind == "malformed" and cause in reason and f"; {fix}" in reason, reason
+    assert "does not speak the OpenAI completions API" not in reason
+
+
+def test_a_server_gone_mid_run_is_unreachable_with_the_restart_fix():
+    """Connection refused on a request after the case began (the server stopped between two requests)."""
+    client = Client(f"http://127.0.0.1:{free_port()}", retries=0)
+    with pytest.raises(EndpointError) as e:
+        client.complete({"model": NAME, "prompt": [1, 2]})
+    reason = endpoint_reason(e.value)
+    assert e.value.kind == "unreachable"
+    assert "/v1/completions: nothing accepts connections there (ConnectionRefusedError" in reason
+    fix = (
+        "fix: start the server (vLLM: python -m vllm.entrypoints.openai.api_server --model DIR), or restart it if it "
+        "stopped mid-run (see its log)"
+    )
+    assert fix in reason, reason
 
 
 def test_api_key_is_sent_and_never_written(fake, server, tmp_path, monkeypatch, capsys, baselines):

@@ -35,10 +35,19 @@ from qbench.run.config import RunConfig, config_doc
 from qbench.run.context import Progress, no_progress, prepare_model
 from qbench.run.outcome import LOG_TAIL_LINES, error_reason
 from qbench.serve.client import (
+    AUTH,
+    CONTEXT,
+    DISCONNECTED,
     HTTP,
+    LOGPROBS_LIMIT,
     MALFORMED,
     MODEL,
+    NOT_FOUND,
+    OVERLOADED,
+    REDIRECT,
+    REFUSED,
     TIMEOUT,
+    TLS,
     UNREACHABLE,
     UNSUPPORTED,
     Client,
@@ -56,15 +65,68 @@ SCHEMA_PERF = "qbench.endpoint-perf/1"
 # qbench.judge.perf.TOK_S_DROP (shared-CPU noise) expressed as time: 1 / (1 − 0.5) − 1 = +100%.
 TTFT_GROWTH = 1 / (1 - perf_baseline.TOK_S_DROP["decode_tok_s"]) - 1
 
+# One fix per kind of EndpointError (qbench.serve.client says what each kind is); an error that knows a more
+# specific one carries it (EndpointError.fix), and fix_for() fills in what only the run knows (k, the longest request).
 FIXES = {
-    UNREACHABLE: "is the server still running? check its log, restart it and rerun",
-    TIMEOUT: "the server is too slow or stuck: raise --request-timeout, or check the server's log",
-    HTTP: "see the server's message above; start vLLM with --max-logprobs at least the reference's k",
-    MALFORMED: "the server does not speak the OpenAI completions API as vLLM does; check --endpoint",
-    UNSUPPORTED: "serve it with an engine that returns prompt log-probs (vLLM's prompt_logprobs), or pass "
-    "--speed-only to time this one without a drift verdict",
+    UNREACHABLE: "start the server (vLLM: python -m vllm.entrypoints.openai.api_server --model DIR), or restart it "
+    "if it stopped mid-run (see its log), or fix the URL given to --endpoint",
+    DISCONNECTED: "the server crashed, restarted or was stopped (or a proxy in front of it cut the connection): "
+    "look in its log (out of memory?), restart it and rerun",
+    TIMEOUT: "the server is too slow or stuck: check its log (still loading? overloaded?), then raise "
+    "--request-timeout or lower --concurrency",
+    HTTP: "the failure is the server's own, not the request's: read the traceback in its log, fix or restart the "
+    "server and rerun",
+    REFUSED: "read the server's message: qbench sends vLLM's completions fields (prompt as token ids, "
+    "prompt_logprobs, min_tokens, ignore_eos, return_token_ids); serve the model with vLLM, or pass --speed-only to "
+    "time a server that takes only OpenAI's fields",
+    AUTH: "set $QBENCH_API_KEY (or $OPENAI_API_KEY) to the server's API key",
     MODEL: "pass --served-model with a name from the server's /v1/models",
+    NOT_FOUND: "pass the server's base URL as --endpoint, the one its /v1/models answers under (e.g. "
+    "http://127.0.0.1:8000)",
+    LOGPROBS_LIMIT: "restart vLLM with --max-logprobs at least the stored reference's top-k",
+    CONTEXT: "start the server with a longer context (vLLM: --max-model-len)",
+    OVERLOADED: "wait until the server is ready (its log says when), or lower --concurrency, then rerun",
+    MALFORMED: "the server does not answer in the OpenAI/vLLM completions format: check that --endpoint is the "
+    "server's own base URL (not a proxy or web UI), and serve the model with vLLM",
+    UNSUPPORTED: "serve it with an engine that returns prompt log-probs for the request's prompt_logprobs field "
+    "(vLLM does; llama.cpp's server and `transformers serve` do not), or pass --speed-only to time this one without "
+    "a drift verdict",
+    REDIRECT: "pass the address it redirects to as --endpoint",
+    TLS: "use http:// for a server without TLS, or make its certificate trusted (SSL_CERT_FILE)",
 }
+
+
+def fix_for(e: EndpointError, k: int | None = None, need: int | None = None) -> str:
+    """The fix for ``e``: the run's own knowledge first (``k`` log-probs asked per position, ``need`` tokens in the
+    run's longest request), then the error's, then its kind's."""
+    if e.kind == LOGPROBS_LIMIT and k:
+        return f"restart vLLM with --max-logprobs {k} or more: qbench asks for the stored reference's top-{k} log-probs"
+    if e.kind == CONTEXT and need:
+        return (
+            f"start the server with a context of at least {need} tokens, this run's longest request (vLLM: "
+            f"--max-model-len {need})"
+        )
+    return e.fix or FIXES[e.kind]
+
+
+def endpoint_reason(e: EndpointError, k: int | None = None, need: int | None = None) -> str:
+    """One line for a case's reasons: what went wrong (the error), then ``; fix: `` and what to do."""
+    return f"{e}; fix: {fix_for(e, k, need)}"
+
+
+def unmeasurable_reason(label: str, e: EndpointError) -> str:
+    return f"drift not measurable for {label}: {e}; fix: {fix_for(e)}"
+
+
+def longest_request(ctx, cfg: RunConfig, ep: EndpointConfig) -> int:
+    """Tokens (prompt + max_tokens) of the longest request the case sends: a scoring window asks for 1 more, a
+    greedy prompt for its continuation, the speed test for its new tokens."""
+    wl = cfg.workload
+    need = max(wl.contexts) + wl.new_tokens
+    if not ep.speed_only:
+        prompts = [ctx.tokenizer(p, add_special_tokens=False)["input_ids"] for p in ctx.prompts["text"]]
+        need = max(need, wl.window + 1, max((len(p) for p in prompts), default=0) + wl.greedy_tokens)
+    return need
 
 
 @dataclass
@@ -145,6 +207,7 @@ def run_endpoint(
     label = f"{METHOD} ({served} at {client.base}) on {ctx.name}"
     k = ep.logprobs or ref.topk_ids.shape[1]
     checks, quality, perf, reasons, engine_q = {}, {}, {}, [], None
+    unmeasurable: EndpointError | None = None
     try:
         progress(entry["id"], f"scoring {ref.positions} positions through {client.base}")
         t0 = time.perf_counter()
@@ -157,6 +220,7 @@ def run_endpoint(
             if e.kind != UNSUPPORTED:
                 raise
             quality = {"measurable": False, "why": str(e)}
+            unmeasurable = None if ep.speed_only else e
         else:
             quality = served_drift(ref, per_pos)
             quality["prompt_format"] = sent.get("prompt_format")
@@ -180,7 +244,11 @@ def run_endpoint(
         perf = serving_speed(client, served, ctx.speed_ids[0].tolist(), cfg.workload, ep, ctx.tokenizer)
         entry["timings_s"] = {"score": score_s, "speed": time.perf_counter() - t0}
     except EndpointError as e:
-        entry.update(status=ERROR, reasons=[f"{e}; fix: {FIXES[e.kind]}"], quality=quality, checks=checks, perf=perf)
+        # Drift found unmeasurable stays the first reason when the speed test then fails too: both are true.
+        reasons = [unmeasurable_reason(label, unmeasurable)] if unmeasurable is not None else []
+        need = longest_request(ctx, cfg, ep) if e.kind == CONTEXT else None
+        reasons.append(endpoint_reason(e, k, need))
+        entry.update(status=ERROR, reasons=reasons, quality=quality, checks=checks, perf=perf)
         return finish(doc, entry, started, on_case)
     except UsageError:
         raise
@@ -192,9 +260,8 @@ def run_endpoint(
     note = None
     if ep.speed_only:
         status, reasons, note = PASS, [], "drift not measured (--speed-only): only the speed is judged"
-    elif quality.get("measurable") is False:
-        q_reasons = [f"drift not measurable for {label}: {quality['why']}; fix: {FIXES[UNSUPPORTED]}"]
-        status, reasons = ERROR, q_reasons
+    elif unmeasurable is not None:
+        status, reasons = ERROR, [unmeasurable_reason(label, unmeasurable)]
     else:
         q_reasons = integrity_gate(checks, False, label) + quality_gate(quality, bounds, label)
         if engine_q is not None:
@@ -260,26 +327,18 @@ def preflight(client: Client, ep: EndpointConfig) -> tuple[str, dict]:
     try:
         models = client.models()
     except EndpointError as e:
-        auth = e.kind == HTTP and any(f"HTTP {c} " in str(e) for c in (401, 403))
-        if e.kind == HTTP and not auth and ep.served_model is not None:
+        if e.kind in (HTTP, REFUSED, NOT_FOUND) and ep.served_model is not None:
             # transformers serve answers /v1/models with HTTP 500 where the hub cache directory does not exist yet;
             # the name given is used as it is, and the requests themselves tell whether it is served.
             return ep.served_model, engine_label(ep, client, None)
-        if auth:
-            fix = "set $QBENCH_API_KEY (or $OPENAI_API_KEY) to the server's API key"
-        elif e.kind == HTTP:
-            fix = "its model list failed: pass --served-model NAME to skip the listing, or check the server's log"
-        else:
-            fix = (
-                "start the server first (vLLM: python -m vllm.entrypoints.openai.api_server --model DIR) or fix the URL"
-            )
-        raise UsageError(f"--endpoint {client.base}: {e}; {fix}") from None
+        raise UsageError(f"--endpoint {client.base}: {e}; fix: {PREFLIGHT_FIXES.get(e.kind) or fix_for(e)}") from None
     names = [m["id"] for m in models]
     if not names and ep.served_model is not None:  # transformers serve lists only its cache; trust the name given
         return ep.served_model, engine_label(ep, client, None)
     if ep.served_model is not None and ep.served_model not in names:
         raise UsageError(
-            f"--served-model {ep.served_model}: not served at {client.base}; it serves {', '.join(names) or 'nothing'}"
+            f"--served-model {ep.served_model}: not served at {client.base}; it serves {', '.join(names)}: pass one of "
+            "those to --served-model"
         )
     if ep.served_model is None and len(names) != 1:
         raise UsageError(
@@ -288,6 +347,19 @@ def preflight(client: Client, ep: EndpointConfig) -> tuple[str, dict]:
     served = ep.served_model or names[0]
     owner = next((m.get("owned_by") for m in models if m["id"] == served), None)
     return served, engine_label(ep, client, owner)
+
+
+# Before the case, the model list is the first request: its faults have fixes of their own (exit 2).
+PREFLIGHT_FIXES = {
+    UNREACHABLE: "start the server first (vLLM: python -m vllm.entrypoints.openai.api_server --model DIR) or fix the "
+    "URL",
+    TIMEOUT: "it accepted the connection but did not list its models in time: wait until it has loaded the model "
+    "(its log says when), or raise --request-timeout",
+    HTTP: "its model list failed: pass --served-model NAME to skip the listing, or check the server's log",
+    REFUSED: "its model list failed: pass --served-model NAME to skip the listing, or check the server's log",
+    NOT_FOUND: "nothing answers /v1/models there: pass the server's base URL as --endpoint (e.g. "
+    "http://127.0.0.1:8000), or --served-model NAME for a server without a model list",
+}
 
 
 def engine_label(ep: EndpointConfig, client: Client, owner) -> dict:
@@ -311,8 +383,9 @@ def default_served_device(base: str) -> str | None:
 
 
 def refused(e: EndpointError) -> bool:
-    """The server refused the request's shape (HTTP 400/422): token ids, or a field it does not know."""
-    return e.kind == HTTP and any(f"HTTP {c} " in str(e) for c in (400, 422))
+    """The server refused the request's shape (HTTP 400/422): token ids, or a field it does not know (not a limit
+    it names: too many log-probs, too long a request, an unknown model are kinds of their own)."""
+    return e.kind == REFUSED and e.status in (400, 422)
 
 
 def no_prompt_logprobs(e: EndpointError, base: str) -> EndpointError:
@@ -324,6 +397,13 @@ def no_prompt_logprobs(e: EndpointError, base: str) -> EndpointError:
             "measurable (vLLM does; `transformers serve` does not)",
         )
     return e
+
+
+# Shared by the faults that show the server scored or generated other tokens than qbench sent or asked for.
+VLLM_TOKENS_FIX = (
+    "serve the model with vLLM, which scores token-id prompts as sent (add_special_tokens: false) and honours "
+    "min_tokens and ignore_eos, or pass --speed-only to time this server without a quality verdict"
+)
 
 
 def _logprob(v) -> float:
@@ -378,25 +458,31 @@ def prompt_logprobs(
         if lp is None:
             raise EndpointError(
                 UNSUPPORTED,
-                f"{client.base} returned no prompt_logprobs: the server does not report prompt log-probs, so drift "
-                "is not measurable (vLLM does; `transformers serve` does not)",
+                f"{client.base} returned no prompt log-probs: its answer has no 'prompt_logprobs' although the request "
+                f"asked for {k} per position (field prompt_logprobs), so drift is not measurable",
             )
         echoed = choice.get("prompt_token_ids")
         if as_text and isinstance(lp, list) and len(lp) != len(prompt):
             raise EndpointError(
                 MALFORMED,
                 f"{client.base} tokenized a window's text into {len(lp)} tokens, the reference's tokenizer into "
-                f"{len(prompt)}: the server's tokenizer differs, so its log-probs do not compare; serve the same "
-                "tokenizer, or a server that accepts token ids",
+                f"{len(prompt)}: the server's tokenizer differs, so its log-probs do not compare",
+                fix="serve the model with the same tokenizer, or with a server that accepts token ids (vLLM)",
             )
         if echoed is not None and list(echoed) != prompt:
             raise EndpointError(
-                MALFORMED, f"{client.base} scored other tokens than the ids sent (tokenization differs)"
+                MALFORMED,
+                f"{client.base} scored other tokens than the ids sent (its echoed prompt_token_ids differ): the "
+                "server re-tokenized the prompt or added special tokens",
+                fix=VLLM_TOKENS_FIX,
             )
         if not isinstance(lp, list) or len(lp) != len(prompt):
             n = len(lp) if isinstance(lp, list) else type(lp).__name__
             raise EndpointError(
-                MALFORMED, f"{client.base}: {n} prompt log-prob entries for a prompt of {len(prompt)} tokens"
+                MALFORMED,
+                f"{client.base}: {n} prompt log-prob entries for a prompt of {len(prompt)} tokens: the server scored "
+                "another prompt than the one sent (special tokens added, or the prompt cut)",
+                fix=VLLM_TOKENS_FIX,
             )
         for pos, d in enumerate(lp[1:], start=1):
             if not isinstance(d, dict):
@@ -405,12 +491,18 @@ def prompt_logprobs(
                 entry = {int(t): _logprob(v) for t, v in d.items()}
             except ValueError:
                 raise EndpointError(
-                    MALFORMED, f"{client.base}: prompt log-probs keyed by text, not token ids"
+                    MALFORMED,
+                    f"{client.base}: prompt log-probs keyed by token text, not token id, so they cannot be matched "
+                    "to the reference's tokens",
+                    fix="serve the model with an engine that keys prompt_logprobs by token id (vLLM)",
                 ) from None
             if prompt[pos] not in entry:
                 why = " (its tokenization of the text differs)" if as_text else ""
                 raise EndpointError(
-                    MALFORMED, f"{client.base}: no log-prob for the prompt's own token at position {pos}{why}"
+                    MALFORMED,
+                    f"{client.base}: no log-prob for the prompt's own token at position {pos}{why}",
+                    fix="serve the model with an engine that reports each prompt token's own log-prob beside its "
+                    "top-k, as vLLM does",
                 )
             out.append(entry)
     return out
@@ -434,14 +526,26 @@ def greedy_ids(client: Client, served: str, prompt: list[int], n: int, as_text=N
     choice = client.complete(body)["choices"][0]
     ids = choice.get("token_ids")
     if ids is None:  # older vLLM: the ids only as "token_id:N" strings in the log-probs
-        tokens = (choice.get("logprobs") or {}).get("tokens") or []
+        tokens = (choice.get("logprobs") or {}).get("tokens")
         try:
-            ids = [int(t.removeprefix("token_id:")) for t in tokens]
-        except (ValueError, AttributeError):
+            ids = None if tokens is None else [int(t.removeprefix("token_id:")) for t in tokens]
+        except (ValueError, AttributeError, TypeError):
             ids = None
-    if not isinstance(ids, list) or len(ids) != n:
-        got = "none" if ids is None else len(ids)
-        raise EndpointError(MALFORMED, f"{client.base}: asked for {n} greedy token ids, got {got}")
+    if not isinstance(ids, list):
+        raise EndpointError(
+            MALFORMED,
+            f"{client.base} returned no greedy token ids: its answer has neither 'token_ids' (asked for with "
+            "return_token_ids) nor log-prob tokens as 'token_id:N' (asked for with return_tokens_as_token_ids)",
+            fix="serve the model with an engine that returns generated token ids (vLLM), or pass --speed-only to time "
+            "this server without a quality verdict",
+        )
+    if len(ids) != n:
+        raise EndpointError(
+            MALFORMED,
+            f"{client.base}: asked for exactly {n} greedy tokens (min_tokens = max_tokens = {n}, ignore_eos), got "
+            f"{len(ids)}: the server stopped early or ignores min_tokens/ignore_eos",
+            fix=VLLM_TOKENS_FIX,
+        )
     return [int(i) for i in ids]
 
 

@@ -15,9 +15,12 @@ Safety, as the issue asks:
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -30,23 +33,78 @@ API_KEY_VARS = ("QBENCH_API_KEY", "OPENAI_API_KEY")
 # HTTP statuses worth another try: rate-limited or the server (or a proxy in front of it) briefly unavailable.
 RETRY_STATUSES = (429, 502, 503, 504)
 
-# Kinds of EndpointError, each with the fix the run layer prints.
+# Kinds of EndpointError: each is one cause, with one fix (the run layer's FIXES says it in qbench's words).
 UNREACHABLE, TIMEOUT, HTTP, MALFORMED, MODEL, UNSUPPORTED = (
-    "unreachable",
-    "timeout",
-    "http",
-    "malformed",
-    "model",
-    "unsupported",
+    "unreachable",  # nothing accepts connections at the URL (refused, unknown host, no route)
+    "timeout",  # connected, but no answer (or no next chunk of one) in time
+    "http",  # the server failed while answering (HTTP 5xx, or a status none of the kinds below names)
+    "malformed",  # an answer that is not the OpenAI/vLLM completions format (not JSON, not HTTP, fields missing)
+    "model",  # the server does not serve the model asked for (vLLM: HTTP 404 "The model `x` does not exist.")
+    "unsupported",  # the server does not report what drift needs (prompt log-probs)
 )
+DISCONNECTED = "disconnected"  # the server closed the connection without an answer, or in the middle of one
+AUTH = "auth"  # HTTP 401/403: an API key is needed, or the one sent is wrong
+NOT_FOUND = "not_found"  # HTTP 404 that is not about the model: no such route at this URL
+LOGPROBS_LIMIT = "logprobs_limit"  # the server caps log-probs per position below what was asked (vLLM --max-logprobs)
+CONTEXT = "context"  # a request is longer than the server's context (vLLM --max-model-len)
+OVERLOADED = "overloaded"  # HTTP 429/502/503/504 on every try: rate-limited, overloaded or restarting
+REFUSED = "refused"  # another HTTP 4xx: the server refused the request's shape or a field of it
+REDIRECT = "redirect"  # HTTP 3xx: qbench follows no redirect
+TLS = "tls"  # the TLS handshake failed (https:// to a plain server, or a certificate not trusted)
+
+# What the server's own message says, checked before its status (vLLM answers some of these with 400, some older
+# versions with 500; the words are what tells the cause). Messages these match, from the engines' sources:
+# vLLM "Requested prompt logprobs of 32, which is greater than max allowed: 20"; vLLM/OpenAI "This model's maximum
+# context length is 512 tokens. However, you requested ..."; newer vLLM "The decoder prompt (length 600) is longer
+# than the maximum model length of 512"; vLLM "The model `x` does not exist." (HTTP 404).
+_LOGPROBS_LIMIT = re.compile(r"logprobs?\b.*\b(max(imum)? allowed|greater than|exceeds?|more than)|max_logprobs", re.I)
+_CONTEXT = re.compile(
+    r"maximum context length|max_model_len|maximum model length|context (length|window)|prompt is too long", re.I
+)
+_MODEL = re.compile(r"\bmodel\b.*\b(does not exist|not found|unknown|not served)", re.I)
+
+
+def classify(status: int | None, detail: str) -> str:
+    """The kind of an HTTP error (or an error event in a stream) from its status and the server's message."""
+    if _LOGPROBS_LIMIT.search(detail):
+        return LOGPROBS_LIMIT
+    if _CONTEXT.search(detail):
+        return CONTEXT
+    if _MODEL.search(detail) and status in (None, 400, 404, 422):
+        return MODEL
+    if status in (401, 403):
+        return AUTH
+    if status == 404:
+        return NOT_FOUND
+    if status in RETRY_STATUSES:
+        return OVERLOADED
+    if status is not None and 400 <= status < 500:
+        return REFUSED
+    return HTTP
+
+
+# The cause of each HTTP kind in words, put before the status and the server's own message.
+HTTP_CAUSES = {
+    LOGPROBS_LIMIT: "the server allows fewer log-probs per position than were asked for",
+    CONTEXT: "a request is longer than the server's context",
+    MODEL: "the server does not serve the model asked for",
+    AUTH: "the server refused the API key (none sent, or a wrong one)",
+    NOT_FOUND: "no such endpoint at this URL",
+    OVERLOADED: "the server is overloaded or restarting",
+    REFUSED: "the server refused the request",
+    HTTP: "the server failed while answering (an error of its own)",
+}
 
 
 class EndpointError(RuntimeError):
-    """The server could not answer as needed; ``kind`` says how (one of the kinds above)."""
+    """The server could not answer as needed. ``kind`` says how (one of the kinds above), ``status`` the HTTP status
+    where there was one, ``fix`` a fix more specific than the kind's own where the raiser knows one."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, status: int | None = None, fix: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.status = status
+        self.fix = fix
 
 
 def api_key_from_env() -> str | None:
@@ -76,9 +134,11 @@ def normalize_url(url: str) -> str:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib's hook
         raise EndpointError(
-            HTTP,
+            REDIRECT,
             f"{req.full_url} answered HTTP {code}, a redirect to {newurl}; qbench follows none (requests go only to "
-            "the URL given): pass the address it redirects to as --endpoint",
+            "the URL given)",
+            status=code,
+            fix=f"pass the address it redirects to as --endpoint (or the base URL of the server behind {newurl})",
         )
 
 
@@ -137,7 +197,7 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        last = ""
+        last, kind = "", UNREACHABLE
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
@@ -148,21 +208,43 @@ class Client:
             except urllib.error.HTTPError as e:
                 detail = self.redact(_error_detail(e))
                 if e.code in RETRY_STATUSES and attempt < self.retries:
-                    last = f"HTTP {e.code}"
                     continue
-                raise EndpointError(HTTP, f"{url}: HTTP {e.code} {e.reason}: {detail}") from None
+                kind = classify(e.code, detail)
+                tries = f" (all {attempt + 1} tries)" if kind == OVERLOADED and attempt else ""
+                raise EndpointError(
+                    kind,
+                    f"{url}: {HTTP_CAUSES[kind]}: HTTP {e.code} {e.reason}{tries}: {detail}",
+                    status=e.code,
+                    fix=_context_fix(body) if kind == CONTEXT else None,
+                ) from None
+            except http.client.RemoteDisconnected as e:  # before http.client.HTTPException: it is one too
+                last, kind = (
+                    f"the server closed the connection without answering ({type(e).__name__}: {e})",
+                    DISCONNECTED,
+                )
+            except http.client.HTTPException as e:  # BadStatusLine and the like: something other than HTTP answered
+                raise EndpointError(
+                    MALFORMED,
+                    self.redact(f"{url}: the answer is not HTTP ({type(e).__name__}: {e})"),
+                    fix="something other than an HTTP server listens there: check the port in --endpoint, and "
+                    "https:// for a server with TLS",
+                ) from None
             except TimeoutError:
                 last, kind = f"no answer within {self.timeout_s:g} s", TIMEOUT
             except (urllib.error.URLError, ConnectionError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, (TimeoutError, socket.timeout)):
                     last, kind = f"no answer within {self.timeout_s:g} s", TIMEOUT
+                elif isinstance(reason, ssl.SSLError):
+                    raise EndpointError(
+                        TLS, self.redact(f"{url}: the TLS handshake failed ({type(reason).__name__}: {reason})")
+                    ) from None
+                elif isinstance(reason, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+                    what = f"{type(reason).__name__}: {reason}"
+                    last, kind = f"the server closed the connection without answering ({what})", DISCONNECTED
                 else:
-                    last, kind = f"{type(reason).__name__}: {reason}", UNREACHABLE
-        tries = f"{self.retries + 1} tries"
-        if last.startswith("HTTP"):
-            raise EndpointError(HTTP, f"{url}: {last} after {tries}; the server is overloaded or restarting")
-        raise EndpointError(kind, self.redact(f"{url}: {last} ({tries})"))
+                    last, kind = f"nothing accepts connections there ({type(reason).__name__}: {reason})", UNREACHABLE
+        raise EndpointError(kind, self.redact(f"{url}: {last} ({self.retries + 1} tries)"))
 
     def _json(self, path: str, body: dict | None = None) -> dict:
         resp = self._open(path, body)
@@ -170,15 +252,21 @@ class Client:
             raw = resp.read()
         except TimeoutError:
             raise EndpointError(TIMEOUT, f"{self.base + path}: the answer stalled for {self.timeout_s:g} s") from None
-        except (ConnectionError, OSError) as e:  # the server went away mid-answer
-            raise EndpointError(UNREACHABLE, f"{self.base + path}: connection lost mid-answer ({e})") from None
+        except (ConnectionError, OSError, http.client.IncompleteRead) as e:  # the server went away mid-answer
+            what = f"{type(e).__name__}: {e}"
+            raise EndpointError(
+                DISCONNECTED, self.redact(f"{self.base + path}: the connection was lost mid-answer ({what})")
+            ) from None
         finally:
             resp.close()
         try:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EndpointError(
-                MALFORMED, f"{self.base + path}: the answer is not JSON ({e}): {self.redact(repr(raw[:120]))}"
+                MALFORMED,
+                f"{self.base + path}: the answer is not JSON ({e}): {self.redact(repr(raw[:120]))}",
+                fix="something other than the OpenAI-compatible API answered (a proxy, a web page?): pass the "
+                "server's own base URL as --endpoint, e.g. http://127.0.0.1:8000",
             ) from None
         if not isinstance(doc, dict):
             raise EndpointError(MALFORMED, f"{self.base + path}: expected a JSON object, got {type(doc).__name__}")
@@ -202,10 +290,13 @@ class Client:
         return str(v) if v is not None else None
 
     def complete(self, body: dict) -> dict:
+        url = self.base + "/v1/completions"
         doc = self._json("/v1/completions", body)
+        if (error := _error_event(doc, url, self.redact, body)) is not None:
+            raise error
         choices = doc.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise EndpointError(MALFORMED, f"{self.base}/v1/completions: no 'choices' in the answer")
+            raise EndpointError(MALFORMED, f"{url}: no 'choices' in the answer")
         return doc
 
     def stream(self, body: dict) -> Stream:
@@ -222,14 +313,24 @@ class Client:
                     line = resp.readline()
                 except TimeoutError:
                     raise EndpointError(TIMEOUT, f"{url}: the stream stalled for {self.timeout_s:g} s") from None
-                except (ConnectionError, OSError) as e:
-                    raise EndpointError(UNREACHABLE, f"{url}: connection lost mid-stream ({e})") from None
+                except (ConnectionError, OSError, http.client.IncompleteRead) as e:
+                    what = f"{type(e).__name__}: {e}"
+                    raise EndpointError(
+                        DISCONNECTED,
+                        self.redact(
+                            f"{url}: the connection was lost mid-stream, after {len(out.chunks)} chunks ({what})"
+                        ),
+                    ) from None
                 now = time.perf_counter()
                 if not line:
                     if out.finished:  # transformers serve ends after its last event without 'data: [DONE]'
                         out.done = now
                         return out
-                    raise EndpointError(UNREACHABLE, f"{url}: the stream ended before the answer was complete")
+                    raise EndpointError(
+                        DISCONNECTED,
+                        f"{url}: the server closed the stream after {len(out.chunks)} chunks of output, without a "
+                        "finish_reason or 'data: [DONE]': the answer was cut off",
+                    )
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, event names
@@ -243,6 +344,8 @@ class Client:
                     raise EndpointError(MALFORMED, f"{url}: a stream event is not JSON ({e})") from None
                 if not isinstance(event, dict):
                     raise EndpointError(MALFORMED, f"{url}: a stream event is not a JSON object")
+                if (error := _error_event(event, url, self.redact, body)) is not None:
+                    raise error  # vLLM reports a failure after the stream began as an event {"error": {...}}
                 if isinstance(event.get("usage"), dict):
                     out.usage = event["usage"]
                 for choice in event.get("choices") or []:
@@ -257,6 +360,34 @@ class Client:
             resp.close()
 
 
+def _context_fix(body: dict | None) -> str | None:
+    """The context a request needs, where its prompt is token ids (vLLM counts prompt + max_tokens)."""
+    if not body or not isinstance(body.get("prompt"), list):
+        return None
+    need = len(body["prompt"]) + int(body.get("max_tokens") or 0)
+    return f"start the server with a context of at least {need} tokens (vLLM: --max-model-len {need})"
+
+
+def _error_event(doc: dict, url: str, redact, body: dict | None) -> EndpointError | None:
+    """An answer that is an error in the OpenAI shape ``{"error": {"message", "code"}}`` (with HTTP 200, or as a
+    stream event) as an EndpointError; None for any other answer."""
+    err = doc.get("error")
+    if not err or "choices" in doc:
+        return None
+    msg = err.get("message", err) if isinstance(err, dict) else err
+    code = err.get("code") if isinstance(err, dict) else None
+    status = code if isinstance(code, int) else None
+    detail = redact(" ".join(str(msg).split())[:300]) or "(no message)"
+    kind = classify(status, detail)
+    code_text = f" (code {status})" if status is not None else ""
+    return EndpointError(
+        kind,
+        f"{url}: {HTTP_CAUSES[kind]}: an error in place of the answer{code_text}: {detail}",
+        status=status,
+        fix=_context_fix(body) if kind == CONTEXT else None,
+    )
+
+
 def _error_detail(e: urllib.error.HTTPError) -> str:
     """The server's own words for an HTTP error (OpenAI shape ``{"error": {"message": ...}}`` or vLLM's
     ``{"message": ...}``), cut to one line."""
@@ -264,7 +395,7 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
         raw = e.read(2000)
         doc = json.loads(raw)
         msg = doc.get("error", doc) if isinstance(doc, dict) else doc
-        msg = msg.get("message", msg) if isinstance(msg, dict) else msg
+        msg = msg.get("message", msg.get("detail", msg)) if isinstance(msg, dict) else msg  # FastAPI: {"detail"}
         text = str(msg)
     except Exception:  # not JSON, or nothing to read
         try:

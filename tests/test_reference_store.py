@@ -108,3 +108,37 @@ def test_scoring_memory_does_not_grow_with_text_length(glm_tiny, planted, monkey
     # (Before track_peak trimmed the C heap, reused free pages hid the retention: planted long fell to 7.0 MB once.)
     grows = peaks[1] >= max(peaks[0], peaks[2]) + 8 * 2**20
     assert grows == planted, peaks
+
+
+def test_a_reference_scored_in_this_process_is_reused_only_for_the_same_settings(monkeypatch):
+    """A second run in one process (the test suite runs dozens) reads the reference already scored instead of scoring
+    it again; a reference method replaced in the registry, or another thread count, is scored afresh. Planted: a memo
+    keyed without the method's class hands the planted reference method the clean reference (second assert fails)."""
+    from qbench.methods import registry
+    from qbench.methods.reference import BF16
+    from qbench.run import RunConfig, prepare_model, reference
+    from qbench.run.workload import Workload
+
+    cfg = RunConfig(workload=Workload(max_positions=64, greedy_tokens=2, window=32))
+    ctx = prepare_model("glm-tiny", cfg)
+    loads = []
+    real = reference.load_model
+    monkeypatch.setattr(reference, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    reference.score_reference(ctx, cfg, lambda *_: None)
+    first = ctx.reference
+    reference.score_reference(ctx, cfg, lambda *_: None)
+    assert len(loads) == 1 and ctx.reference is first
+
+    class Planted(BF16):
+        pass
+
+    monkeypatch.setitem(registry._REGISTRY, "bf16", Planted())
+    reference.score_reference(ctx, cfg, lambda *_: None)
+    assert len(loads) == 2 and isinstance(loads[-1], Planted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before != 1 else 2)
+    try:
+        reference.score_reference(ctx, cfg, lambda *_: None)
+    finally:
+        torch.set_num_threads(before)
+    assert len(loads) == 3

@@ -48,6 +48,31 @@ def check_reference(ref: Reference) -> None:
         raise NonFiniteReference(bad, ref.positions)
 
 
+# References scored in this process, newest last: a later run in the same process (a test session, a notebook, a
+# sweep driven from Python) on the same checkpoint, workload, reference method, device, placement and torch thread
+# count reads the one already scored instead of scoring it again (glm-tiny on a 2-core AVX2 CPU: 8.7 s each).
+# Everything that can change the reference's numbers is in the key; the method's class is, so a reference method
+# replaced in the registry (a test planting NaN weights) is scored afresh.
+_SCORED: dict[tuple, tuple[Reference, list]] = {}
+_SCORED_MAX = 4  # about 1.5 MB each for glm-tiny's 4096 positions at top-32
+
+
+def _memo_key(ctx: ModelContext, cfg: RunConfig, method) -> tuple:
+    import torch
+
+    return (
+        tuple(sorted(ctx.fingerprints.items())),
+        str(ctx.reference_path),
+        cfg.reference,
+        type(method),
+        cfg.device,
+        str(cfg.device_map),
+        torch.get_num_threads(),
+        cfg.workload.window,
+        cfg.workload.top_k,
+    )
+
+
 def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> None:
     method = methods.get(cfg.reference)
     from qbench.models.loading import chatglm_bits
@@ -68,6 +93,20 @@ def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> N
             "shows the compute path only; pass --reference-model FULL_PRECISION_DIR to see the quantization's own "
             "drift",
         )
+    key = _memo_key(ctx, cfg, method)
+    if key in _SCORED:
+        progress(f"{ctx.name} reference", "scored earlier in this process with the same settings: reused")
+        ctx.reference, ctx.reference_greedy = _SCORED[key]
+    else:
+        _score(ctx, cfg, progress, method)
+        _SCORED[key] = (ctx.reference, ctx.reference_greedy)
+        while len(_SCORED) > _SCORED_MAX:
+            del _SCORED[next(iter(_SCORED))]
+    if cfg.update_baselines:
+        stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)
+
+
+def _score(ctx: ModelContext, cfg: RunConfig, progress: Progress, method) -> None:
     progress(f"{ctx.name} reference", f"loading {cfg.reference}")
     plan = device_plan(ctx.reference_path, cfg.reference, cfg, method.default_compute_dtype) if cfg.device_map else None
     model = load_model(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)
@@ -77,5 +116,3 @@ def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> N
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
     del model
     release_memory()
-    if cfg.update_baselines:
-        stored_reference.save(cfg.reference_dir(ctx), ctx.reference, ctx.reference_greedy, ctx.fingerprints)

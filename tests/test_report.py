@@ -86,3 +86,30 @@ def test_other_files_are_refused(tmp_path, capsys, content, problem):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"{bad}: {problem}" in err and "written by `qbench run --json`" in err, err
+
+
+def test_a_stale_perf_baseline_is_said_once_by_qbench_report(tmp_path, capsys):
+    """Results whose cases found only a perf baseline timed on an earlier path: `qbench report` says so once, in one
+    `speed:` line naming the cases and the fix (as `qbench run`'s table does), and the Markdown summary too.
+    Planted: a report that leaves the perf notes out (or repeats them per case) fails the count."""
+    from qbench.judge import perf
+
+    data = {
+        "schema": "qbench.results/1",
+        "config": {"device": "cpu", "reference": "bf16"},
+        "env": {"device": {"name": "x86_64"}, "libraries": {"torch": "2.13.0"}},
+        "cases": [_case("bf16", 5.5, 0.0, 350.0), _case("bnb-nf4", 2.3, 3e-4, 330.0)],
+    }
+    now = {**_case("bf16", 1, 0, 1)["perf"], "path": "generate", "context": 128, "new_tokens": 32}
+    old = {"settings": perf.settings(now)}  # a perf baseline from before timing went through generate: no "path"
+    reasons, stale = perf.gate(now, {}, "cpu", old, "m")
+    assert reasons == [] and "timed the model only path" in stale and "qbench baseline update" in stale
+    for c in data["cases"]:
+        c["baseline"] = {"compared": True, "perf_note": stale}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    speed = [line.strip() for line in out.splitlines() if line.strip().startswith("speed:")]
+    assert speed == [f"speed: {stale} (every case)"], out
+    assert markdown(data).count(stale) == 1

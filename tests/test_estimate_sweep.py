@@ -124,6 +124,9 @@ def _sweep(path, sweep) -> list[dict]:
 
 
 @pytest.mark.slow
+# Each shape is measured in a fresh process, and the sweep's long contexts took 109 s of the README command's budget on
+# a 2-core AVX2 CPU (bf16 matmuls without AVX-512 are slow there): it runs with the other subprocess tests.
+@pytest.mark.processes
 @pytest.mark.parametrize(("name", "overrides", "sweep"), [("glm4-vocab", GLM4_VOCAB_SHAPE, GLM4_VOCAB_SWEEP),
                                                           ("glm-tiny", {}, TINY_SWEEP)])  # fmt: skip
 def test_estimate_meets_measured_cpu_peaks_at_every_context(tmp_path, name, overrides, sweep):

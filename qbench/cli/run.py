@@ -150,6 +150,19 @@ def add_selection(p: argparse.ArgumentParser) -> None:
         help="tokens per scoring window (default 128, glm-tiny's training length; use 512+ for real GLMs)",
     )
     w.add_argument("--eval-text", type=Path, help="UTF-8 text to score (default: the shipped held-out text)")
+    w.add_argument(
+        "--max-positions",
+        type=positive,
+        default=4096,
+        help="score at most this many positions of the text (default 4096; fewer is faster and noisier, and is "
+        "another workload: a baseline made with the default is refused)",
+    )
+    w.add_argument(
+        "--greedy-tokens",
+        type=positive,
+        default=24,
+        help="greedy continuation length per prompt (default 24; part of the workload like --max-positions)",
+    )
     w.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's choice)")
     r = p.add_argument_group("isolation")
     r.add_argument(
@@ -193,6 +206,8 @@ def run_config(args, update: bool):
         "new_tokens": args.new_tokens,
         "repeat": args.repeat,
         "window": args.window,
+        "max_positions": args.max_positions,
+        "greedy_tokens": args.greedy_tokens,
     }
     if args.eval_text:
         wl_kwargs["eval_text"] = args.eval_text

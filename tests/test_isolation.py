@@ -15,7 +15,14 @@ TESTS = Path(__file__).parent
 # Every test here runs whole CLI runs with case processes (planted crashes, hangs, signals): minutes on 2 cores.
 pytestmark = pytest.mark.processes
 
-FAST = ["--repeat", "1", "--new-tokens", "2", "--context", "8"]
+# These tests judge what happens to processes, not quality: a short workload (256 scored positions, 2 greedy tokens)
+# and baselines of their own (none: the shipped ones are for the full workload and would refuse it).
+FAST = ["--repeat", "1", "--new-tokens", "2", "--context", "8", "--max-positions", "256", "--greedy-tokens", "2"]
+
+
+@pytest.fixture(autouse=True)
+def own_baselines(tmp_path, monkeypatch):
+    monkeypatch.setenv("QBENCH_BASELINES", str(tmp_path / "baselines"))
 
 
 @pytest.fixture

@@ -137,6 +137,15 @@ def load(root: Path, case: Case, force: bool = False, kernels: dict | None = Non
     return None
 
 
+def read_quiet(path: Path) -> dict:
+    """``path``'s JSON object, or {} where there is none or it cannot be read (for saying what an update replaced)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def update_target(root: Path, case: Case, kernels: dict | None) -> Path:
     """Where ``qbench baseline update`` on ``kernels`` writes: ``baseline.json`` when it is absent, unreadable,
     unrecorded (made before qbench recorded kernels) or of the same kernel set; else this kernel set's own file, so
@@ -144,10 +153,7 @@ def update_target(root: Path, case: Case, kernels: dict | None) -> Path:
     primary = case_dir(root, case) / BASELINE_FILE
     if kernel_identity(kernels) is None or not primary.is_file():
         return primary
-    try:
-        stored = json.loads(primary.read_text(encoding="utf-8")).get("kernels")
-    except (OSError, ValueError, AttributeError):
-        return primary
+    stored = read_quiet(primary).get("kernels")
     if kernel_identity(stored) in (None, kernel_identity(kernels)):
         return primary
     return primary.with_name(kernel_file(kernels))

@@ -99,8 +99,10 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     info = {"path": baseline["_path"] if baseline and not cfg.update_baselines else str(target), "compared": False}
     info["kernels"] = record["kernels"]
     if cfg.update_baselines:
-        # What changed is told against the baseline being replaced: this kernel set's, not another's.
-        old = {**baseline["quality"], **baseline.get("footprint", {})} if baseline and same_kernels else {}
+        # What changed is told against the file being replaced (this kernel set's, or one that recorded none), not
+        # against another kernel set's baseline that this update leaves alone.
+        replaced = store.read_quiet(target)
+        old = {**replaced.get("quality", {}), **replaced.get("footprint", {})}
         store.write(cfg.baselines, case, record)
         if perf_baseline.timed_enough(cfg.workload) and not cfg.device_map:
             perf_baseline.write(store.case_dir(cfg.baselines, case), m["perf"], m["memory"], case.device)

@@ -37,6 +37,8 @@ def unsupported_dir(tmp_path):
         (["run", "--context", "-3"], "-3 must be at least 1"),
         (["run", "--repeat", "x"], "'x' is not an integer"),
         (["run", "--eval-text", "/no/such/file.txt"], "no such file"),
+        (["run", "--max-positions", "0"], "0 must be at least 1"),
+        (["run", "--greedy-tokens", "-1"], "-1 must be at least 1"),
         (["run", "--device", "tpu"], "not a device; use cpu, cuda or cuda:N"),
         (["run", "--device", "meta"], "qbench runs on cpu or cuda"),
         (["zoo", "path", "glm-huge"], "unknown zoo model; choose from glm-tiny"),
@@ -117,3 +119,18 @@ def test_run_puts_the_sigterm_handler_back():
     before = signal.getsignal(signal.SIGTERM)
     assert main(["run", "--method", "no-such-method"]) == 2
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_workload_flags_reach_the_run(capsys, tmp_path):
+    """--max-positions and --greedy-tokens shape the workload the run records (and its fingerprint): 64 positions are
+    scored and continuations are 2 tokens long; against the shipped baseline (made with the defaults) the case would be
+    refused, so it runs with baselines of its own."""
+    out = tmp_path / "r.json"
+    argv = ["run", "--method", "bf16", "--in-process", "--max-positions", "64", "--greedy-tokens", "2"]
+    argv += ["--repeat", "1", "--new-tokens", "2", "--context", "8", "--baselines", str(tmp_path / "b")]
+    code, _, err = _run(capsys, *argv, "--json", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["config"]["workload"]["max_positions"] == 64 and doc["config"]["workload"]["greedy_tokens"] == 2
+    (case,) = doc["cases"]
+    assert code == 0 and case["status"] == "pass", (code, err, case["reasons"])
+    assert case["greedy_ids"] and all(len(g) == 2 for g in case["greedy_ids"])

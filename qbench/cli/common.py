@@ -55,3 +55,11 @@ def positive_list(text: str) -> tuple[int, ...]:
 
 def fmt(v) -> str:
     return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def check_results_path(path) -> None:
+    """Refuse, before any lock or model, a ``--json`` results path that cannot be written (one line, exit 2). A folder
+    that does not exist is refused, not made: a typo in --json would otherwise scatter results into new folders."""
+    from qbench.judge.store import check_writable
+
+    check_writable(path, "--json", makes_parents=False)

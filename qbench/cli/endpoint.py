@@ -94,11 +94,9 @@ def execute(args, update: bool, console: Console, err: Console, cfg) -> int:
     path = getattr(args, "json", None)
     earlier = None
     if path:
-        from qbench.judge.store import check_writable
+        from qbench.cli.common import check_results_path
 
-        # A results file in a folder that does not exist is refused, not made: a typo in --json would otherwise
-        # scatter results into new folders (issue 21: one line, exit 2, before any lock or model).
-        check_writable(path, "--json", makes_parents=False)
+        check_results_path(path)
     t0 = time.perf_counter()
 
     def progress(case: str, stage: str) -> None:

@@ -256,11 +256,9 @@ def execute(args, update: bool, console: Console, err: Console) -> int:
     if resume and not path:
         raise UsageError("--resume needs --json PATH: the results file of the run to resume")
     if path:
-        from qbench.judge.store import check_writable
+        from qbench.cli.common import check_results_path
 
-        # A results file in a folder that does not exist is refused, not made: a typo in --json would otherwise
-        # scatter results into new folders (issue 21: one line, exit 2, before any lock or model).
-        check_writable(path, "--json", makes_parents=False)
+        check_results_path(path)
     cfg.validate()  # bad input is refused before the results file is locked or read
     for note in cfg.method_notes:
         err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)

@@ -104,7 +104,7 @@ def _open_lock(path: Path, lock_path: Path) -> int:
         raise UsageError(
             f"--json {path}: a directory {lock_path} stands where its lock file goes; remove it or pass another --json"
         ) from None
-    except OSError as e:  # a folder that cannot be made, a read-only file system, a lock file owned by another user
+    except OSError as e:  # a folder removed since the check, a read-only file system, another user's lock file
         raise UsageError(
             f"--json {path}: cannot create {e.filename or lock_path} ({e.strerror or e}); "
             "pass a --json in a writable directory"

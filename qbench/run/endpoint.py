@@ -52,6 +52,7 @@ from qbench.serve.client import (
     UNSUPPORTED,
     Client,
     EndpointError,
+    context_fix,
 )
 
 METHOD = "endpoint"
@@ -102,10 +103,7 @@ def fix_for(e: EndpointError, k: int | None = None, need: int | None = None) -> 
     if e.kind == LOGPROBS_LIMIT and k:
         return f"restart vLLM with --max-logprobs {k} or more: qbench asks for the stored reference's top-{k} log-probs"
     if e.kind == CONTEXT and need:
-        return (
-            f"start the server with a context of at least {need} tokens, this run's longest request (vLLM: "
-            f"--max-model-len {need})"
-        )
+        return context_fix(need, ", this run's longest request")
     return e.fix or FIXES[e.kind]
 
 
@@ -115,7 +113,7 @@ def endpoint_reason(e: EndpointError, k: int | None = None, need: int | None = N
 
 
 def unmeasurable_reason(label: str, e: EndpointError) -> str:
-    return f"drift not measurable for {label}: {e}; fix: {fix_for(e)}"
+    return f"drift not measurable for {label}: {endpoint_reason(e)}"
 
 
 def longest_request(ctx, cfg: RunConfig, ep: EndpointConfig) -> int:

@@ -360,12 +360,16 @@ class Client:
             resp.close()
 
 
+def context_fix(need: int, why: str = "") -> str:
+    """The fix for a request longer than the server's context: ``need`` tokens (``why``: whose they are)."""
+    return f"start the server with a context of at least {need} tokens{why} (vLLM: --max-model-len {need})"
+
+
 def _context_fix(body: dict | None) -> str | None:
     """The context a request needs, where its prompt is token ids (vLLM counts prompt + max_tokens)."""
     if not body or not isinstance(body.get("prompt"), list):
         return None
-    need = len(body["prompt"]) + int(body.get("max_tokens") or 0)
-    return f"start the server with a context of at least {need} tokens (vLLM: --max-model-len {need})"
+    return context_fix(len(body["prompt"]) + int(body.get("max_tokens") or 0))
 
 
 def _error_event(doc: dict, url: str, redact, body: dict | None) -> EndpointError | None:

@@ -11,6 +11,7 @@ import shutil
 import struct
 
 import pytest
+from workloads import SHORT_ARGS
 
 from qbench.case import Case
 from qbench.cli import EXIT_USAGE, main
@@ -96,7 +97,7 @@ def test_directory_as_results_file_is_refused(capsys, tmp_path):
 
 # --- 5b. the results file's folder and lock, at every door that locks one (run, baseline update, --endpoint) ---------
 
-FAST = ["--in-process", "--repeat", "1", "--new-tokens", "4", "--context", "8"]
+FAST = ["--in-process", *SHORT_ARGS]
 DOORS = {
     "run": ["run", "--method", "bf16", *FAST],
     "baseline update": ["baseline", "update", "--method", "bf16", *FAST],

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from workloads import SHORT_ARGS
 
 from qbench.cli import main
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.processes
 
 # These tests judge what happens to processes, not quality: a short workload (256 scored positions, 2 greedy tokens)
 # and baselines of their own (none: the shipped ones are for the full workload and would refuse it).
-FAST = ["--repeat", "1", "--new-tokens", "2", "--context", "8", "--max-positions", "256", "--greedy-tokens", "2"]
+FAST = SHORT_ARGS
 
 
 @pytest.fixture(autouse=True)
@@ -92,52 +93,8 @@ def test_resume_keeps_finished_cases(tmp_path, capsys, monkeypatch):
     assert "--resume: " in capsys.readouterr().err and json.loads(out.read_text())["cases"] == cases
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_a_stopped_runner_leaves_no_case_process_and_a_whole_results_file(faults, tmp_path, how):
-    """SIGTERM (a cancelled CI job) unwinds like Ctrl-C: the case process is killed and the file keeps the finished
-    case. SIGKILL (the OOM killer) cannot be caught: the case process dies with the runner through
-    PR_SET_PDEATHSIG. Planted regression: without them the hanging case process outlives the runner."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    out = tmp_path / "results.json"
-    argv = [sys.executable, "-m", "qbench.cli", "run", "--json", str(out), "--method", "bf16", "--method", "fault-hang"]
-    runner = subprocess.Popen([*argv, *FAST], stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        child = None
-        while child is None and time.monotonic() < deadline and runner.poll() is None:
-            time.sleep(0.5)
-            for proc in Path("/proc").iterdir():
-                if proc.name.isdigit():
-                    try:
-                        cmd = (proc / "cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    # this runner's own case: its job path is in the runner's scratch folder (qbench-cases-<pid>-)
-                    mine = f"qbench-cases-{runner.pid}-".encode() in cmd
-                    if mine and b"qbench.run.case_process" in cmd and b"fault-hang" in cmd:
-                        child = int(proc.name)
-        assert child is not None, f"the hanging case never started: {runner.stderr.read() if runner.poll() else ''}"
-        runner.send_signal(getattr(signal, how))
-        runner.wait(timeout=30)
-        if how == "SIGTERM":
-            assert runner.returncode == 128 + signal.SIGTERM
-            assert b"terminated; the results file holds every finished case" in runner.stderr.read()
-        for _ in range(100):  # the kernel delivers the death signal asynchronously
-            if not Path(f"/proc/{child}").exists() or b"Z" in Path(f"/proc/{child}/stat").read_bytes().split()[2]:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(child, signal.SIGKILL)
-            pytest.fail(f"case process {child} outlived the runner ({how})")
-        (case,) = json.loads(out.read_text())["cases"]  # whole JSON: written atomically after each case
-        assert case["method"] == "bf16" and case["status"] != "error"
-    finally:
-        if runner.poll() is None:
-            runner.kill()
+# A runner stopped by SIGTERM, SIGINT or SIGKILL mid-case: tests/test_fault_catalogue.py
+# (test_stopping_the_runner_loses_nothing), one test for the three signals.
 
 
 def test_threads_reach_the_case_process(tmp_path):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from workloads import SHORT_ARGS
 
 from qbench.case import Case
 from qbench.errors import UsageError
@@ -24,7 +25,8 @@ from qbench.judge.verdict import quality_gate, regression_gate
 from qbench.quality.drift import DriftAccumulator, build_reference
 
 ROOT = Path(__file__).parents[1]
-FAST = ["--repeat", "1", "--new-tokens", "2", "--context", "8"]
+FAST = SHORT_ARGS
+pytest_plugins = ["pytester"]
 LIBS = {"torch": "2.13.0+cpu", "transformers": "5.23.0", "bitsandbytes": "0.48.2", "qbench": "0.1.0"}
 
 
@@ -300,25 +302,38 @@ def test_an_incomplete_zoo_build_is_rebuilt(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
 
 
-# 8. Bad --qbench-* options are one line of usage error, not a collection traceback.
+# 8. Bad --qbench-* options are one line of usage error, not a collection traceback. One option goes through a real
+# `python -m pytest` process (the path a user's command takes, plugin found by its entry point); the others run
+# in-process through pytester (same plugin, same pytest_configure; ~5 s of imports saved per option). Planted
+# regression: re-raising qbench's own UsageError in _check_options instead of pytest.UsageError fails the method and
+# device rows (a traceback, exit 3); the shard rows come from shard(), which raises pytest.UsageError itself.
+
+BAD_OPTIONS = [
+    (["--qbench-method", "bogus"], "--qbench-method bogus: unknown method; choose from"),
+    (["--qbench-shard", "3/2"], "--qbench-shard 3/2: I must be between 1 and N"),
+    (["--qbench-shard", "two"], "--qbench-shard two: write I/N"),
+    (["--qbench-device", "tpu"], "--qbench-device tpu: not a device; use cpu, cuda or cuda:N"),
+]
 
 
-@pytest.mark.parametrize(
-    ("option", "words"),
-    [
-        (["--qbench-method", "bogus"], "--qbench-method bogus: unknown method; choose from"),
-        (["--qbench-shard", "3/2"], "--qbench-shard 3/2: I must be between 1 and N"),
-        (["--qbench-shard", "two"], "--qbench-shard two: write I/N"),
-        (["--qbench-device", "tpu"], "--qbench-device tpu: not a device; use cpu, cuda or cuda:N"),
-    ],
-)
-def test_bad_pytest_options_are_usage_errors(option, words):
+def test_a_bad_pytest_option_is_a_usage_error_in_a_users_process():
+    option, words = BAD_OPTIONS[0]
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "drift", *option]
     argv.append("tests/test_drift_gate.py")
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 4, r.stdout + r.stderr
     assert f"ERROR: {words}" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr and "UsageError" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(("option", "words"), BAD_OPTIONS)
+def test_bad_pytest_options_are_usage_errors(pytester, option, words):
+    pytester.makepyfile(test_any="def test_any(qbench_case):\n    pass\n")
+    r = pytester.runpytest_inprocess("-p", "no:cacheprovider", *option)
+    out, err = r.outlines, r.errlines
+    assert r.ret == pytest.ExitCode.USAGE_ERROR, "\n".join(out + err)
+    assert [line for line in err if line.strip()] == [err[0]] and err[0].startswith(f"ERROR: {words}"), err
+    assert not any("Traceback" in line or "UsageError" in line for line in out + err), "\n".join(out + err)
 
 
 # 9. A runner killed with kill -9 leaves its scratch folder; the next run removes it.

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from workloads import SHORT_ARGS
 
 from qbench.cli import EXIT_USAGE, main
 from qbench.report.results import LOCK_SUFFIX, extend_results
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--in-process", "--repeat", "1", "--new-tokens", "4", "--context", "8"]
+FAST = ["--in-process", *SHORT_ARGS]
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:

@@ -84,18 +84,27 @@ def test_damage_and_mismatch_are_refused(tmp_path, glm_tiny):
         stored.load(tmp_path, FP)
 
 
+@pytest.fixture(scope="module")
+def random_texts(glm_tiny):
+    """A short and a long random text (8x the positions) with their top-32 references, built once for both params
+    below: only the scoring against them is measured."""
+    ref_model = glm_tiny[0]
+    gen = torch.Generator().manual_seed(0)
+    short = torch.randint(3, 1000, (1 + 128 * 8,), generator=gen)
+    long = torch.randint(3, 1000, (1 + 128 * 64,), generator=gen)
+    return [(ids, build_reference(iter_logprobs(ref_model, ids, 128), 32)) for ids in (short, long)]
+
+
 @pytest.mark.parametrize("planted", [False, True], ids=["streaming", "planted-retention"])
-def test_scoring_memory_does_not_grow_with_text_length(glm_tiny, planted, monkeypatch):
-    ref_model, q, _ = glm_tiny
+def test_scoring_memory_does_not_grow_with_text_length(glm_tiny, random_texts, planted, monkeypatch):
+    _, q, _ = glm_tiny
     if planted:  # the regression this test guards: keeping every window's full log-prob matrix
         kept = []
         real = DriftAccumulator.update
         monkeypatch.setattr(DriftAccumulator, "update", lambda self, lp, t: (kept.append(lp), real(self, lp, t)))
-    short = torch.randint(3, 1000, (1 + 128 * 8,))
-    long = torch.randint(3, 1000, (1 + 128 * 64,))  # 8x the positions
+    (short, short_ref), (long, long_ref) = random_texts
     peaks = []
-    for ids in (short, long, short):
-        reference = build_reference(iter_logprobs(ref_model, ids, 128), 32)
+    for ids, reference in ((short, short_ref), (long, long_ref), (short, short_ref)):
         with track_peak("cpu") as mem:
             acc = DriftAccumulator(reference)
             for logp, t in iter_logprobs(q, ids, 128):

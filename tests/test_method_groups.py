@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from workloads import SHORT_ARGS
 
 from qbench import methods
 from qbench.cli import main
@@ -71,7 +72,7 @@ def test_a_method_may_not_take_a_group_name():
 def test_cli_prints_what_a_group_left_out(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(type(methods.get("chatglm-int4")), "unavailable", lambda self, device: "planted reason")
     out = tmp_path / "r.json"
-    fast = ["--repeat", "1", "--new-tokens", "2", "--context", "8", "--baselines", str(tmp_path / "b")]
+    fast = [*SHORT_ARGS, "--baselines", str(tmp_path / "b")]
     assert main(["run", "--in-process", "--method", "chatglm", *fast, "--json", str(out)]) in (0, 1)
     assert "note: --method chatglm: left out chatglm-int4 (planted reason)" in capsys.readouterr().err
     doc = json.loads(out.read_text())

@@ -191,9 +191,10 @@ PLANTED = {
 # The quality gates are under test here: one short speed run, too few timed runs for the perf gate to judge
 # (speed settings are outside the quality fingerprint, so the stored baselines still apply).
 QUALITY_ONLY = Workload(repeat=1, warmup=0, new_tokens=4)
-# One thread where the method's kernels could split a reduction by thread count (torch's bf16/fp32 matmuls, bitsandbytes'
-# 4-bit and int8 paths, ChatGLM's int8); two (this machine's default, answered by the drift matrix) elsewhere. No
-# bnb-fp4 at one thread: it runs bnb-nf4's 4-bit kernels with another code table (12 s of the suite on 2 AVX2 cores).
+# One thread where the method's kernels could split a reduction by thread count (torch's bf16/fp32 matmuls,
+# bitsandbytes' 4-bit and int8 paths, ChatGLM's int8); two (this machine's default, answered by the drift matrix)
+# elsewhere. No bnb-fp4 at one thread: it runs bnb-nf4's 4-bit kernels with another code table (12 s of the suite on
+# 2 AVX2 cores).
 BENIGN = [
     ("bf16", 1),
     ("bnb-nf4", 1),

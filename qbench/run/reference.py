@@ -53,8 +53,9 @@ def check_reference(ref: Reference) -> None:
 # count reads the one already scored instead of scoring it again (glm-tiny on a 2-core AVX2 CPU: 8.7 s each).
 # Everything that can change the reference's numbers is in the key; the method's class is, so a reference method
 # replaced in the registry (a test planting NaN weights) is scored afresh.
+# The least recently used goes first when more are kept.
 _SCORED: dict[tuple, tuple[Reference, list]] = {}
-_SCORED_MAX = 4  # about 1.5 MB each for glm-tiny's 4096 positions at top-32
+_SCORED_MAX = 8  # about 1.5 MB each for glm-tiny's 4096 positions at top-32
 
 
 def _memo_key(ctx: ModelContext, cfg: RunConfig, method) -> tuple:
@@ -96,7 +97,7 @@ def _score_reference(ctx: ModelContext, cfg: RunConfig, progress: Progress) -> N
     key = _memo_key(ctx, cfg, method)
     if key in _SCORED:
         progress(f"{ctx.name} reference", "scored earlier in this process with the same settings: reused")
-        ctx.reference, ctx.reference_greedy = _SCORED[key]
+        ctx.reference, ctx.reference_greedy = _SCORED[key] = _SCORED.pop(key)  # now the most recently used
     else:
         _score(ctx, cfg, progress, method)
         _SCORED[key] = (ctx.reference, ctx.reference_greedy)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from qbench.case import Case
@@ -26,29 +27,12 @@ def main(job_path: str) -> None:
     from qbench.run.config import RunConfig
     from qbench.run.context import prepare_model
     from qbench.run.engine import execute_case
-    from qbench.run.workload import Workload
 
-    c = job["cfg"]
-    if c.get("threads"):  # --threads: torch's pool is per process, so the runner's setting does not reach here
+    cfg = replace(RunConfig.from_json(job["cfg"]), models=[job["spec"]], methods=[job["case"]["method"]])
+    if cfg.threads:  # --threads: torch's pool is per process, so the runner's setting does not reach here
         import torch
 
-        torch.set_num_threads(c["threads"])
-    wl = {k: tuple(v) if isinstance(v, list) else v for k, v in c["workload"].items()}
-    wl = Workload(**{**wl, "eval_text": Path(wl["eval_text"]), "prompts": Path(wl["prompts"])})
-    cfg = RunConfig(
-        models=[job["spec"]],
-        methods=[job["case"]["method"]],
-        device=c["device"],
-        reference=c["reference"],
-        workload=wl,
-        baselines=Path(c["baselines"]),
-        update_baselines=c["update_baselines"],
-        lenient=c["lenient"],
-        reference_model=c["reference_model"],
-        device_map=c["device_map"],
-        max_memory=c["max_memory"],
-        threads=c.get("threads"),
-    )
+        torch.set_num_threads(cfg.threads)
     ctx = prepare_model(job["spec"], cfg)
     ctx.reference, ctx.reference_greedy = stored_reference.load(Path(job["reference_dir"]), ctx.fingerprints)
     if job.get("memory_limit"):

@@ -5,8 +5,9 @@ What a run is asked to do: models, methods, device, reference, workload, baselin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 from qbench import methods
 from qbench.case import device_class
@@ -104,6 +105,29 @@ class RunConfig:
     # What --method's groups left out and why (filled by validate; the CLI prints them).
     method_notes: list[str] = field(default_factory=list)
 
+    # The fields that hold a path, which JSON holds as a string.
+    PATHS: ClassVar[tuple[str, ...]] = ("baselines", "reference_cache")
+
+    def to_json(self) -> dict:
+        """Every setting as a JSON value (paths as strings, the workload's too; its sweeps as lists), in a document
+        of its own (no list is shared with this config); :meth:`from_json` gives this config back. A case process
+        gets its run's settings this way."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc.update({k: str(doc[k]) for k in self.PATHS if doc[k] is not None})
+        doc.update({k: list(v) for k, v in doc.items() if isinstance(v, list)})
+        doc["workload"] = self.workload.to_json()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> RunConfig:
+        """The config :meth:`to_json` wrote ``doc`` from; a setting ``doc`` lacks takes its default."""
+        values = dict(doc)
+        values.update({k: Path(values[k]) for k in cls.PATHS if values.get(k) is not None})
+        values.update({k: list(v) for k, v in values.items() if isinstance(v, list)})
+        if "workload" in values:
+            values["workload"] = Workload.from_json(values["workload"])
+        return cls(**values)
+
     def reference_dir(self, ctx: ModelContext) -> Path:
         return stored_reference.reference_dir(self.baselines, ctx.name, self.reference, device_class(self.device))
 
@@ -153,18 +177,18 @@ class RunConfig:
                 check_plan(device_plan(ref_path or path, self.reference, self, ref_dtype), self)
 
 
+# The settings a results file records as its "config", in this order, before the workload. They are part of the
+# results file's contract: `--json` and `--resume` compare a rerun's settings with the file's.
+RESULTS_CONFIG_FIELDS = (
+    *("models", "methods", "device", "reference", "reference_source", "compute_dtype", "isolate"),
+    *("reference_model", "device_map", "max_memory", "threads"),
+)
+
+
 def config_doc(cfg: RunConfig) -> dict:
-    return {
-        "models": cfg.models,
-        "methods": cfg.methods,
-        "device": cfg.device,
-        "reference": cfg.reference,
-        "reference_source": cfg.reference_source,
-        "compute_dtype": cfg.compute_dtype,
-        "isolate": cfg.isolate,
-        "reference_model": cfg.reference_model,
-        "device_map": cfg.device_map,
-        "max_memory": cfg.max_memory,
-        "threads": cfg.threads,
-        "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg.workload).items()},
-    }
+    """The results file's "config": those of :meth:`RunConfig.to_json`'s settings named in RESULTS_CONFIG_FIELDS, and
+    the workload. The workload's sweeps stay tuples here, as this document has always held them (a file holds lists
+    either way)."""
+    doc = cfg.to_json()
+    workload = {**doc["workload"], **{k: getattr(cfg.workload, k) for k in Workload.SWEEPS}}
+    return {**{k: doc[k] for k in RESULTS_CONFIG_FIELDS}, "workload": workload}

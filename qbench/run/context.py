@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -16,9 +16,17 @@ from qbench.judge.fingerprint import model_fingerprint, tokenizer_fingerprint
 from qbench.models import zoo
 from qbench.models.loading import load_tokenizer
 from qbench.quality.drift import Reference
+from qbench.run.workload import Workload
 
-if TYPE_CHECKING:
-    from qbench.run.config import RunConfig
+
+class ModelSettings(Protocol):
+    """The settings :func:`prepare_model` reads, which a :class:`qbench.run.config.RunConfig` has. Declared here
+    instead of importing RunConfig: config.py imports this module (ModelContext, check_reference_model), so an import
+    back would make a circle."""
+
+    reference: str
+    reference_model: str | None
+    workload: Workload
 
 
 Progress = Callable[[str, str], None]
@@ -45,7 +53,7 @@ class ModelContext:
     reference_greedy: list[list[int]] | None = None
 
 
-def prepare_model(spec: str, cfg: RunConfig) -> ModelContext:
+def prepare_model(spec: str, cfg: ModelSettings) -> ModelContext:
     path = zoo.resolve(spec)
     ref_path = zoo.resolve(cfg.reference_model) if cfg.reference_model else path
     tokenizer = load_tokenizer(path)

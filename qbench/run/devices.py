@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from qbench import methods
 from qbench.errors import UsageError
+from qbench.run.workload import Workload
 
-if TYPE_CHECKING:
-    from qbench.run.config import RunConfig
+
+class DeviceSettings(Protocol):
+    """The settings the device checks and plans read, which a :class:`qbench.run.config.RunConfig` has. Declared
+    here instead of importing RunConfig: config.py imports this module to validate with it, so an import back would
+    make a circle."""
+
+    device: str
+    compute_dtype: str | None
+    device_map: str | None
+    max_memory: str | None
+    workload: Workload
 
 
 def check_device(device: str) -> None:
@@ -34,7 +44,7 @@ def check_device(device: str) -> None:
 DEVICE_MAP_STRATEGIES = {"auto": "balanced", "balanced": "balanced", "sequential": "sequential"}
 
 
-def memory_budgets(cfg: RunConfig) -> dict:
+def memory_budgets(cfg: DeviceSettings) -> dict:
     """--max-memory as bytes per device; without it, for a planned map, each visible GPU's free memory and the
     CPU's available memory now (what from_pretrained's device_map="auto" starts from)."""
     from qbench.run import plan as planning
@@ -49,7 +59,7 @@ def memory_budgets(cfg: RunConfig) -> dict:
     return {**budgets, "cpu": psutil.virtual_memory().available}
 
 
-def device_plan(path: Path, method: str, cfg: RunConfig, compute_dtype: str | None = None) -> dict:
+def device_plan(path: Path, method: str, cfg: DeviceSettings, compute_dtype: str | None = None) -> dict:
     """Where ``method``'s model goes under ``cfg.device_map`` (qbench.run.plan: accelerate's planner on the meta
     device, sized for the method), checked before anything loads."""
     from qbench.run import plan as planning
@@ -76,7 +86,7 @@ def device_plan(path: Path, method: str, cfg: RunConfig, compute_dtype: str | No
     )
 
 
-def check_plan(plan: dict, cfg: RunConfig) -> None:
+def check_plan(plan: dict, cfg: DeviceSettings) -> None:
     """Bad input in a device map: tensors it places nowhere, GPUs that are not there, a device it contradicts."""
     from qbench.run import plan as planning
 

@@ -31,22 +31,6 @@ POLL_S = 0.05
 FOLDER_PREFIX = "qbench-cases-"
 
 
-def _cfg_to_json(cfg) -> dict:
-    wl = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg.workload).items()}
-    return {
-        "device": cfg.device,
-        "reference": cfg.reference,
-        "baselines": str(cfg.baselines),
-        "lenient": cfg.lenient,
-        "update_baselines": cfg.update_baselines,
-        "reference_model": cfg.reference_model,
-        "device_map": cfg.device_map,
-        "max_memory": cfg.max_memory,
-        "threads": cfg.threads,
-        "workload": wl,
-    }
-
-
 class CaseProcesses:
     """Runs the cases of one model, each in a child process."""
 
@@ -70,7 +54,7 @@ class CaseProcesses:
             {
                 "spec": self.ctx.spec,
                 "case": asdict(case),
-                "cfg": _cfg_to_json(self.cfg),
+                "cfg": self.cfg.to_json(),  # the whole run's settings; the child narrows them to its case
                 "reference_dir": str(self.tmp / "reference"),
                 "out": str(out),
                 "memory_limit": self.cfg.case_memory_limit,

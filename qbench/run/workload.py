@@ -32,6 +32,9 @@ class Workload:
 
     # Settings of the speed test only: they do not change any quality number, so not the fingerprint either.
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("contexts", "batches", "new_tokens", "repeat", "warmup")
+    # The fields JSON cannot hold as they are: paths (held as strings) and sweeps (held as lists).
+    PATHS: ClassVar[tuple[str, ...]] = ("eval_text", "prompts")
+    SWEEPS: ClassVar[tuple[str, ...]] = ("contexts", "batches")
 
     def __post_init__(self) -> None:
         for name in ("window", "max_positions", "top_k", "greedy_tokens", "new_tokens", "repeat"):
@@ -44,6 +47,22 @@ class Workload:
                 raise UsageError(f"{flag} {','.join(map(str, values))}: every value must be a positive integer")
         if self.warmup < 0:
             raise UsageError(f"--warmup {self.warmup}: must be 0 or more")
+
+    def to_json(self) -> dict:
+        """Every setting as a JSON value (paths as strings, sweeps as lists); :meth:`from_json` gives this workload
+        back."""
+        doc = asdict(self)
+        doc.update({k: str(doc[k]) for k in self.PATHS})
+        doc.update({k: list(doc[k]) for k in self.SWEEPS})
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Workload:
+        """The workload :meth:`to_json` wrote ``doc`` from; a setting ``doc`` lacks takes its default."""
+        values = dict(doc)
+        values.update({k: Path(values[k]) for k in cls.PATHS if k in values})
+        values.update({k: tuple(values[k]) for k in cls.SWEEPS if k in values})
+        return cls(**values)
 
     def text(self) -> str:
         return read_text(self.eval_text)

@@ -16,6 +16,11 @@ FAILING = (DRIFT, REGRESSION, ERROR)
 
 DTYPES = ("bf16", "fp16", "fp32")
 
+# The results file's format and version, which every writer stamps (``qbench run --json``, ``--endpoint``) and the
+# reader checks (qbench.report.results). It lives here, below both run/ and report/, because those two layers may not
+# import each other. A change to the file's contract changes the version.
+RESULTS_SCHEMA = "qbench.results/1"
+
 
 def torch_dtype(name: str) -> torch.dtype:
     import torch

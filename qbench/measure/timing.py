@@ -37,6 +37,21 @@ def stat(samples: list[float]) -> dict:
     }
 
 
+def percentile(xs: list[float], q: float) -> float:
+    """The ``q``-quantile (``q`` in [0, 1]) of ``xs`` by linear interpolation between the two closest ranks: the
+    value at position ``(n - 1) * q`` of the sorted samples (numpy's default ``linear`` method, R's type 7). At
+    ``q = 0.5`` it is :func:`statistics.median`, the median :func:`stat` reports, so every percentile qbench writes
+    (per-token latency p50/p90 here, the served TTFT/TPOT/ITL p50/p90/p99) is one definition."""
+    if not xs:
+        raise ValueError("percentile of no samples")
+    if not 0 <= q <= 1:
+        raise ValueError(f"percentile q must be in [0, 1], got {q}")
+    ys = sorted(xs)
+    pos = (len(ys) - 1) * q
+    lo = int(pos)
+    return ys[lo] + (ys[min(lo + 1, len(ys) - 1)] - ys[lo]) * (pos - lo)
+
+
 @dataclass
 class GreedyRun:
     tokens: list[list[int]]  # per batch row, exactly new_tokens ids
@@ -118,13 +133,6 @@ def greedy_generate(model, input_ids, new_tokens: int) -> GreedyRun:
     return GreedyRun(tokens=ids, prefill_s=intervals[0], step_s=intervals[1:])
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    ys = sorted(xs)
-    pos = (len(ys) - 1) * q
-    lo = int(pos)
-    return ys[lo] + (ys[min(lo + 1, len(ys) - 1)] - ys[lo]) * (pos - lo)
-
-
 class _StepStamps:
     """A logits processor that only stamps the time: generate calls it once per step, after that step's forward."""
 
@@ -176,13 +184,6 @@ def generate_timed(model, input_ids, new_tokens: int, logits_processors: tuple =
     return GreedyRun(tokens=out[:, input_ids.shape[1] :].tolist(), prefill_s=intervals[0], step_s=intervals[1:])
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    ys = sorted(xs)
-    pos = (len(ys) - 1) * q
-    lo = int(pos)
-    return ys[lo] + (ys[min(lo + 1, len(ys) - 1)] - ys[lo]) * (pos - lo)
-
-
 class _Figures:
     """Per-run speed figures of one path, summarized as ``{mean, std, n, median}`` each."""
 
@@ -194,8 +195,8 @@ class _Figures:
         self.ttft.append(run.prefill_s * 1000)
         if run.step_s:
             self.decode.append(batch * len(run.step_s) / run.decode_s)
-            self.p50.append(_percentile(run.step_s, 0.5) * 1000)
-            self.p90.append(_percentile(run.step_s, 0.9) * 1000)
+            self.p50.append(percentile(run.step_s, 0.5) * 1000)
+            self.p90.append(percentile(run.step_s, 0.9) * 1000)
             self.step_ms.append(run.decode_s / len(run.step_s) * 1000)
 
     def summary(self) -> dict:

@@ -53,6 +53,18 @@ def degenerate(tokenizer, ids: list[int]) -> str | None:
     return None
 
 
+def degenerate_where(tokenizer, greedy: list[list[int]], reference_greedy: list[list[int]]) -> dict[int, str]:
+    """``{prompt index: why}`` for every continuation in ``greedy`` that is degenerate (:func:`degenerate`) where
+    the reference's own continuation of the same prompt is not: a prompt the reference model itself answers
+    degenerately says nothing about the quantization, so it is not reported. The two lists pair prompt by prompt
+    and must be equally long."""
+    return {
+        i: why
+        for i, (ours, ref) in enumerate(zip(greedy, reference_greedy, strict=True))
+        if (why := degenerate(tokenizer, ours)) and not degenerate(tokenizer, ref)
+    }
+
+
 def addition_accuracy(model, tokenizer, items: list[dict], answer_tokens: int = 4) -> float:
     """Share of "a+b=" prompts whose greedy answer (up to the first non-digit) equals the sum exactly.
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qbench.case import RESULTS_SCHEMA
 from qbench.errors import UsageError
 from qbench.judge.store import atomic_write_json
 
@@ -26,7 +27,7 @@ def load_results(path: Path) -> dict:
         raise UsageError(f"{path}: no such file; pass a results JSON written by `qbench run --json`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e}); pass a results file written by `qbench run --json`") from None
-    if not isinstance(data, dict) or data.get("schema") != "qbench.results/1" or "cases" not in data:
+    if not isinstance(data, dict) or data.get("schema") != RESULTS_SCHEMA or "cases" not in data:
         schema = data.get("schema") if isinstance(data, dict) else None
         raise UsageError(
             f"{path}: not a qbench results file (schema {schema!r}); pass a results file written by `qbench run --json`"

@@ -12,9 +12,7 @@ support) is the case's ``error`` verdict with the fix, and the measurements made
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
-import statistics
 import time
 import traceback
 import urllib.parse
@@ -22,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from qbench import env as qenv
+from qbench.case import RESULTS_SCHEMA
 from qbench.errors import UsageError
 from qbench.judge import perf as perf_baseline
 from qbench.judge import reference as stored_reference
 from qbench.judge.store import atomic_write_json
 from qbench.judge.verdict import ERROR, PASS, REGRESSION, integrity_gate, judge, quality_gate
+from qbench.measure.timing import percentile, stat
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, UNQUANTIZED
 from qbench.quality import tasks
 from qbench.quality.drift import greedy_agreement, windows
@@ -185,7 +185,7 @@ def run_endpoint(
     served, engine = preflight(client, ep)
     device = ep.served_device or default_served_device(client.base)
     doc = {
-        "schema": "qbench.results/1",
+        "schema": RESULTS_SCHEMA,
         "env": qenv.collect("cpu"),
         # The run's settings as an in-process run records them, so `--json` can hold both side by side; the
         # endpoint's own settings are the case's.
@@ -231,11 +231,7 @@ def run_endpoint(
             greedy = [greedy_ids(client, served, p, cfg.workload.greedy_tokens, text) for p in ids]
             quality.update(greedy_agreement(ref_greedy, greedy))
             entry["greedy_ids"] = greedy
-            checks["degenerate"] = {
-                i: why
-                for i, (ours, theirs) in enumerate(zip(greedy, ref_greedy, strict=True))
-                if (why := tasks.degenerate(ctx.tokenizer, ours)) and not tasks.degenerate(ctx.tokenizer, theirs)
-            }
+            checks["degenerate"] = tasks.degenerate_where(ctx.tokenizer, greedy, ref_greedy)
         score_s = time.perf_counter() - t0
         progress(entry["id"], f"timing: concurrency {','.join(map(str, ep.concurrency))}, {ep.requests} requests each")
         t0 = time.perf_counter()
@@ -548,20 +544,17 @@ def greedy_ids(client: Client, served: str, prompt: list[int], n: int, as_text=N
 
 
 def _stats(xs: list[float]) -> dict:
+    """``{mean, std, n, p50, p90, p99}`` of one serving figure: mean and std as :func:`stat` gives them, the
+    percentiles by :func:`percentile` (the one definition qbench uses). With no samples the figures are None, not
+    NaN: the results file is strict JSON."""
     if not xs:
         return {"mean": None, "std": None, "n": 0}
-    s = sorted(xs)
-
-    def pct(p: float) -> float:
-        return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
-
+    summary = stat(xs)
     return {
-        "mean": statistics.fmean(xs),
-        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "n": len(xs),
-        "p50": pct(50),
-        "p90": pct(90),
-        "p99": pct(99),
+        "mean": summary["mean"],
+        "std": summary["std"],
+        "n": summary["n"],
+        **{f"p{p}": percentile(xs, p / 100) for p in (50, 90, 99)},
     }
 
 

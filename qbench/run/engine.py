@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from qbench import env as qenv
 from qbench import methods
-from qbench.case import Case
+from qbench.case import RESULTS_SCHEMA, Case  # RESULTS_SCHEMA re-exported: qbench.run's name for it
 from qbench.errors import UsageError
 from qbench.judge import perf as perf_baseline
 from qbench.judge import store
@@ -25,8 +25,6 @@ from qbench.run.judging import judge_case, kernels_of, refuse_incomparable
 from qbench.run.measuring import measure_case
 from qbench.run.outcome import case_fields, error_result
 from qbench.run.reference import score_reference
-
-RESULTS_SCHEMA = "qbench.results/1"
 
 
 def execute_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progress = no_progress) -> dict:

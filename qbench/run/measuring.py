@@ -80,11 +80,7 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         quality = acc.result()
         greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
         quality.update(greedy_agreement(ctx.reference_greedy, greedy))
-        checks["degenerate"] = {
-            i: why
-            for i, (ours, ref) in enumerate(zip(greedy, ctx.reference_greedy, strict=True))
-            if (why := tasks.degenerate(ctx.tokenizer, ours)) and not tasks.degenerate(ctx.tokenizer, ref)
-        }
+        checks["degenerate"] = tasks.degenerate_where(ctx.tokenizer, greedy, ctx.reference_greedy)
         if quantized:
             first_window = ctx.eval_ids[: wl.window][None]
             quality.update(layers.summarize(layers.layer_errors(model, quantized, ctx.path, first_window)))

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from workloads import SHORT
 
 from qbench.case import Case
 from qbench.env import kernel_identity
@@ -305,7 +306,7 @@ def test_truncated_eval_text_is_refused(tmp_path, scratch_baselines):
 def test_baseline_from_another_model_is_refused(tmp_path, scratch_baselines, monkeypatch):
     monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other"
-    small = Workload(max_positions=256, repeat=1, warmup=0, new_tokens=2, contexts=(8,))
+    small = Workload(**SHORT)  # the refusal is about fingerprints: any workload serves
     run_cases(
         RunConfig(models=["glm4-tiny"], methods=["bnb-nf4"], baselines=other, update_baselines=True, workload=small)
     )

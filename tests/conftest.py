@@ -93,3 +93,21 @@ def without(monkeypatch):
         monkeypatch.setattr(libraries, "find_spec", lambda name: None if name in modules else real(name))
 
     return hide
+
+
+@pytest.fixture(scope="module")
+def glm_tiny_cpu():
+    """``glm_tiny_cpu(torch.float32)``: glm-tiny loaded on CPU in that dtype the way qbench loads a model
+    (``load_causal_lm``). Each dtype is loaded once per test module and shared by its tests, which must only run the
+    model; a test that changes its weights loads a model of its own."""
+    from qbench.models import zoo
+    from qbench.models.loading import load_causal_lm
+
+    loaded: dict[torch.dtype, torch.nn.Module] = {}
+
+    def load(dtype: torch.dtype) -> torch.nn.Module:
+        if dtype not in loaded:
+            loaded[dtype] = load_causal_lm(zoo.resolve("glm-tiny"), "cpu", dtype)
+        return loaded[dtype]
+
+    return load

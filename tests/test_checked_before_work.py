@@ -11,28 +11,20 @@ import shutil
 import struct
 
 import pytest
+from cli_runner import run_cli
 from workloads import SHORT_ARGS
 
 from qbench.case import Case
-from qbench.cli import EXIT_USAGE, main
+from qbench.cli import EXIT_USAGE
 from qbench.errors import UsageError
 from qbench.judge import store
 from qbench.models import zoo
 from qbench.models.loading import check_checkpoint_files
 
 
-def _run(capsys, *argv: str) -> tuple[int, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, err
-
-
 def _one_line_usage_error(capsys, *argv: str) -> str:
-    code, err = _run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
+    assert "Traceback" not in out + err
     assert code == EXIT_USAGE, err
     assert len(err.strip().splitlines()) == 1, err
     return err

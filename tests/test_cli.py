@@ -7,17 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from cli_runner import run_cli
 
 from qbench.cli import EXIT_USAGE, main
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -45,7 +37,7 @@ def unsupported_dir(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, expect):
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == EXIT_USAGE
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -54,13 +46,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, expect):
 
 
 def test_directory_without_config(capsys, tmp_path):
-    code, _, err = _run(capsys, "run", "--model", str(tmp_path))
+    code, _, err = run_cli(capsys, "run", "--model", str(tmp_path))
     assert code == EXIT_USAGE
     assert "no config.json there" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unsupported_model_type(capsys, unsupported_dir):
-    code, _, err = _run(capsys, "run", "--model", str(unsupported_dir))
+    code, _, err = run_cli(capsys, "run", "--model", str(unsupported_dir))
     assert code == EXIT_USAGE
     assert "model_type 'llama' is not supported; qbench runs glm (GlmForCausalLM)" in err
 
@@ -68,7 +60,7 @@ def test_unsupported_model_type(capsys, unsupported_dir):
 def test_non_utf8_eval_text(capsys, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    code, _, err = _run(capsys, "run", "--eval-text", str(bad))
+    code, _, err = run_cli(capsys, "run", "--eval-text", str(bad))
     assert code == EXIT_USAGE
     assert "not UTF-8" in err and "convert it to UTF-8" in err
 
@@ -78,7 +70,7 @@ def test_cuda_requested_without_gpu(capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible, so --device cuda is valid here")
-    code, _, err = _run(capsys, "run", "--device", "cuda")
+    code, _, err = run_cli(capsys, "run", "--device", "cuda")
     assert code == EXIT_USAGE
     assert "no CUDA device is visible here; use --device cpu" in err
 
@@ -86,17 +78,17 @@ def test_cuda_requested_without_gpu(capsys):
 def test_bad_input_writes_nothing(capsys, tmp_path):
     out = tmp_path / "results.json"
     out.write_text("keep me")
-    code, _, _ = _run(capsys, "run", "--method", "nf5", "--json", str(out))
+    code, _, _ = run_cli(capsys, "run", "--method", "nf5", "--json", str(out))
     assert code == EXIT_USAGE
     assert out.read_text() == "keep me"
 
 
 def test_zoo_and_methods_listing(capsys):
-    code, out, _ = _run(capsys, "zoo", "list")
+    code, out, _ = run_cli(capsys, "zoo", "list")
     assert code == 0 and "glm-tiny" in out and "Glm4MoeForCausalLM" in out
-    code, out, _ = _run(capsys, "zoo", "path", "glm-tiny")
+    code, out, _ = run_cli(capsys, "zoo", "path", "glm-tiny")
     assert code == 0 and out.strip().endswith("glm-tiny")
-    code, out, _ = _run(capsys, "methods")
+    code, out, _ = run_cli(capsys, "methods")
     names = [line.split()[0] for line in out.strip().splitlines() if line.strip()]
     assert {"bf16", "fp16", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-int8"} <= set(names)
     groups = out.split("groups for --method")[1]
@@ -128,7 +120,7 @@ def test_workload_flags_reach_the_run(capsys, tmp_path):
     out = tmp_path / "r.json"
     argv = ["run", "--method", "bf16", "--in-process", "--max-positions", "64", "--greedy-tokens", "2"]
     argv += ["--repeat", "1", "--new-tokens", "2", "--context", "8", "--baselines", str(tmp_path / "b")]
-    code, _, err = _run(capsys, *argv, "--json", str(out))
+    code, _, err = run_cli(capsys, *argv, "--json", str(out))
     doc = json.loads(out.read_text())
     assert doc["config"]["workload"]["max_positions"] == 64 and doc["config"]["workload"]["greedy_tokens"] == 2
     (case,) = doc["cases"]

@@ -12,13 +12,6 @@ import torch
 from conftest import QBENCH_DIR, DeprecatedCallFromQbench
 
 from qbench.measure.timing import generate_timed, greedy_generate
-from qbench.models import zoo
-from qbench.models.loading import load_causal_lm
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_causal_lm(zoo.resolve("glm-tiny"), "cpu", torch.bfloat16)
 
 
 def _as_qbench_code(source: str) -> dict:
@@ -27,7 +20,8 @@ def _as_qbench_code(source: str) -> dict:
     return namespace
 
 
-def test_planted_deprecated_keyword_fails(tiny):
+def test_planted_deprecated_keyword_fails(glm_tiny_cpu):
+    tiny = glm_tiny_cpu(torch.bfloat16)
     if "cache" not in inspect.signature(tiny.forward).parameters:
         pytest.skip("this transformers still takes past_key_values without deprecating it")
     ns = _as_qbench_code(
@@ -39,6 +33,7 @@ def test_planted_deprecated_keyword_fails(tiny):
         ns["step"](tiny, torch.arange(3, 11)[None])
 
 
-def test_qbench_timing_paths_use_no_deprecated_api(tiny):
+def test_qbench_timing_paths_use_no_deprecated_api(glm_tiny_cpu):
+    tiny = glm_tiny_cpu(torch.bfloat16)
     ids = torch.arange(3, 35)[None]
     assert generate_timed(tiny, ids, 4).tokens == greedy_generate(tiny, ids, 4).tokens

@@ -23,9 +23,9 @@ import sys
 import textwrap
 
 import pytest
+from zoo_configs import zoo_config
 
 from qbench.measure import estimate as est
-from qbench.models import zoo
 
 NEW_TOKENS = 8
 # (context, paths), kept to the contexts where the logits stay within a few GiB of this 24 GB, 2-core box (GLM-4
@@ -85,11 +85,9 @@ SWEEP_SCRIPT = textwrap.dedent("""
 
 def _checkpoint(tmp_path, name: str, overrides: dict):
     import torch
-    from transformers import GlmConfig, GlmForCausalLM
+    from transformers import GlmForCausalLM
 
-    config = GlmConfig.from_pretrained(zoo.resolve("glm-tiny"))
-    for key, value in {**overrides, "max_position_embeddings": 32768}.items():
-        setattr(config, key, value)
+    config = zoo_config("glm-tiny", **{**overrides, "max_position_embeddings": 32768})
     torch.manual_seed(0)
     model = GlmForCausalLM(config).to(torch.bfloat16)
     out = tmp_path / name

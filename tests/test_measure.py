@@ -12,12 +12,8 @@ from qbench.models.loading import load_causal_lm
 from qbench.models.zoo import GLM_TINY_DIR
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_causal_lm(GLM_TINY_DIR, "cpu", torch.float32)
-
-
-def test_greedy_loop_matches_generate(tiny):
+def test_greedy_loop_matches_generate(glm_tiny_cpu):
+    tiny = glm_tiny_cpu(torch.float32)
     ids = torch.tensor([[5, 17, 33, 101, 7]])
     ours = greedy_generate(tiny, ids, 12).tokens[0]
     # Independent reference: transformers' own greedy decoding with EOS disabled and a fixed length.
@@ -27,14 +23,16 @@ def test_greedy_loop_matches_generate(tiny):
     assert ours == ref
 
 
-def test_exactly_n_tokens_even_through_eos(tiny):
+def test_exactly_n_tokens_even_through_eos(glm_tiny_cpu):
+    tiny = glm_tiny_cpu(torch.float32)
     eos = tiny.config.eos_token_id
     run = greedy_generate(tiny, torch.tensor([[eos, eos, eos]]), 9)
     assert len(run.tokens[0]) == 9
     assert run.prefill_s > 0 and run.decode_s > 0
 
 
-def test_measure_speed_fields(tiny):
+def test_measure_speed_fields(glm_tiny_cpu):
+    tiny = glm_tiny_cpu(torch.float32)
     perf = measure_speed(tiny, torch.randint(3, 500, (2, 16)), new_tokens=4, repeat=3, warmup=1)
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms"):
         assert perf[key]["n"] == 3 and perf[key]["mean"] > 0 and perf[key]["std"] >= 0

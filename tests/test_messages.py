@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from workloads import SHORT_ARGS
+from zoo_configs import zoo_config
 
 from qbench.case import Case
 from qbench.errors import UsageError
@@ -223,7 +224,7 @@ def test_a_nan_reference_model_makes_each_case_an_error_that_says_so(tmp_path, m
 
 def test_bnb_4bit_names_the_layers_too_narrow_for_its_blocks(tmp_path):
     from bitsandbytes.functional import has_avx512bf16
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Glm4MoeConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qbench.methods import LoadRequest, get
     from qbench.methods.bnb import LayerTooNarrow
@@ -231,17 +232,8 @@ def test_bnb_4bit_names_the_layers_too_narrow_for_its_blocks(tmp_path):
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights for the CPU only where AVX512-BF16 is present")
-    config = Glm4MoeConfig(  # glm4-moe-tiny with experts 32 wide: below the 4-bit block size of 64
-        intermediate_size=256,
-        moe_intermediate_size=32,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        **zoo._tiny_dims(),
-    )
+    # glm4-moe-tiny with experts 32 wide: below the 4-bit block size of 64
+    config = zoo_config("glm4-moe-tiny", moe_intermediate_size=32)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(zoo.GLM_TINY_DIR).save_pretrained(tmp_path)
     # Before: the load went through and the first inference failed in bitsandbytes with

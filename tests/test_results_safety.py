@@ -15,21 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 from workloads import SHORT_ARGS
 
-from qbench.cli import EXIT_USAGE, main
+from qbench.cli import EXIT_USAGE
 from qbench.report.results import LOCK_SUFFIX, extend_results
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--in-process", *SHORT_ARGS]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture
@@ -84,10 +77,10 @@ def test_narrower_resume_keeps_the_other_cases_for_real(tmp_path, capsys):
     --resume` used to rewrite r.json with bf16 alone."""
     out = tmp_path / "r.json"
     base = ["run", "--json", str(out), "--baselines", str(tmp_path / "b"), *FAST]
-    assert _run(capsys, *base, "--method", "bf16", "--method", "fp32")[0] == 0
+    assert run_cli(capsys, *base, "--method", "bf16", "--method", "fp32").code == 0
     first = _cases(out)
     assert [c["method"] for c in first] == ["bf16", "fp32"]
-    code, err = _run(capsys, *base, "--method", "bf16", "--resume")
+    code, _, err = run_cli(capsys, *base, "--method", "bf16", "--resume")
     assert code == 0, err
     assert _cases(out) == first  # bf16 kept (not rerun), fp32 kept although this run did not select it
     assert "kept 1 earlier case(s) this run did not select (glm-tiny-fp32-cpu)" in err
@@ -98,10 +91,10 @@ def test_rerun_without_resume_merges_by_case_id(tmp_path, capsys, fake_cases):
     statuses, ran = fake_cases
     out = tmp_path / "r.json"
     base = ["run", "--json", str(out), *FAST]
-    assert _run(capsys, *base, "--method", "bf16", "--method", "fp32", "--method", "fp16")[0] == 0
+    assert run_cli(capsys, *base, "--method", "bf16", "--method", "fp32", "--method", "fp16").code == 0
     before = _cases(out)
     statuses["fp32"] = "error"
-    code, err = _run(capsys, *base, "--method", "fp32", "--method", "bnb-nf4")
+    code, _, err = run_cli(capsys, *base, "--method", "fp32", "--method", "bnb-nf4")
     assert code == 1  # this run's fp32 errored
     after = _cases(out)
     assert [c["method"] for c in after] == ["bf16", "fp32", "fp16", "bnb-nf4"]
@@ -113,15 +106,15 @@ def test_rerun_without_resume_merges_by_case_id(tmp_path, capsys, fake_cases):
 
 def test_other_settings_or_another_file_are_not_overwritten(tmp_path, capsys, fake_cases):
     out = tmp_path / "r.json"
-    assert _run(capsys, "run", "--json", str(out), "--method", "bf16", *FAST)[0] == 0
+    assert run_cli(capsys, "run", "--json", str(out), "--method", "bf16", *FAST).code == 0
     before = out.read_bytes()
-    code, err = _run(capsys, "run", "--json", str(out), "--method", "fp32", "--window", "64", *FAST)
+    code, _, err = run_cli(capsys, "run", "--json", str(out), "--method", "fp32", "--window", "64", *FAST)
     assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1, err
     assert "made with other settings (workload window)" in err and "pass a new --json" in err
     assert out.read_bytes() == before
     other = tmp_path / "notes.json"
     other.write_text('{"mine": true}\n')
-    code, err = _run(capsys, "run", "--json", str(other), "--method", "bf16", *FAST)
+    code, _, err = run_cli(capsys, "run", "--json", str(other), "--method", "bf16", *FAST)
     assert code == EXIT_USAGE and "not a qbench results file" in err
     assert other.read_text() == '{"mine": true}\n'
 
@@ -134,10 +127,10 @@ def test_resume_reruns_cases_that_ended_in_error(tmp_path, capsys, fake_cases):
     out = tmp_path / "r.json"
     argv = ["run", "--json", str(out), "--method", "bf16", "--method", "fp32", *FAST]
     statuses["fp32"] = "error"
-    assert _run(capsys, *argv)[0] == 1
+    assert run_cli(capsys, *argv).code == 1
     statuses.clear()
     ran.clear()
-    code, err = _run(capsys, *argv, "--resume")
+    code, _, err = run_cli(capsys, *argv, "--resume")
     assert code == 0, err
     assert ran == ["glm-tiny-fp32-cpu"]  # bf16 kept, fp32 run again
     assert "glm-tiny-bf16-cpu: kept from the earlier run (pass)" in err
@@ -164,7 +157,7 @@ def test_a_second_run_on_the_same_file_is_refused(tmp_path, capsys, fake_cases):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code, err = _run(capsys, "run", "--json", str(out), "--method", "bf16", *FAST)
+        code, _, err = run_cli(capsys, "run", "--json", str(out), "--method", "bf16", *FAST)
         assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1, err
         assert f"another qbench run (pid {holder.pid}) is writing it" in err and "pass another --json" in err
         assert not out.exists()
@@ -173,7 +166,7 @@ def test_a_second_run_on_the_same_file_is_refused(tmp_path, capsys, fake_cases):
         holder.wait()
     # The killed holder's lock file is left behind but holds no lock: the next run takes it, then removes it.
     assert out.with_name(out.name + LOCK_SUFFIX).exists()
-    assert _run(capsys, "run", "--json", str(out), "--method", "bf16", *FAST)[0] == 0
+    assert run_cli(capsys, "run", "--json", str(out), "--method", "bf16", *FAST).code == 0
     assert not out.with_name(out.name + LOCK_SUFFIX).exists()
 
 
@@ -206,11 +199,11 @@ def test_a_killed_writer_leaves_valid_json(tmp_path):
 def test_resumed_wall_time_counts_the_earlier_part(tmp_path, capsys, fake_cases):
     out = tmp_path / "r.json"
     argv = ["run", "--json", str(out), "--method", "bf16", *FAST]
-    assert _run(capsys, *argv)[0] == 0
+    assert run_cli(capsys, *argv).code == 0
     doc = json.loads(out.read_text())
     doc["wall_s"] = 1000.0  # the interrupted run's time
     out.write_text(json.dumps(doc))
-    code, err = _run(capsys, *argv, "--method", "fp32", "--resume")
+    code, _, err = run_cli(capsys, *argv, "--method", "fp32", "--resume")
     assert code == 0, err
     assert 1000.0 < json.loads(out.read_text())["wall_s"] < 1100.0
     assert "s with the earlier run)" in err

@@ -32,6 +32,9 @@ class ZooEntry:
     architecture: str
     description: str
     build: Callable[[], Path]
+    # The transformers config of a model built on demand (None for a shipped one: its directory holds it). Tests
+    # that build a variant of a zoo model start from it instead of a copy written out by hand.
+    config: Callable[[], object] | None = None
 
 
 ZOO: dict[str, ZooEntry] = {}
@@ -145,31 +148,47 @@ def _tiny_dims() -> dict:
     )
 
 
-@_register("glm4-tiny", "Glm4ForCausalLM", "random weights from a small GLM-4-0414 config, seed 0, built on demand")
-def _glm4_tiny() -> Path:
+def _glm4_tiny_config():
     from transformers import Glm4Config
 
-    return _random_init("glm4-tiny", Glm4Config(intermediate_size=256, **_tiny_dims()))
+    return Glm4Config(intermediate_size=256, **_tiny_dims())
 
 
-@_register("glm4-moe-tiny", "Glm4MoeForCausalLM", "random weights from a small GLM-4.5 MoE config, built on demand")
-def _glm4_moe_tiny() -> Path:
+def _glm4_moe_tiny_config():
     from transformers import Glm4MoeConfig
 
-    return _random_init(
-        "glm4-moe-tiny",
-        Glm4MoeConfig(
-            intermediate_size=256,
-            moe_intermediate_size=128,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            n_group=1,
-            topk_group=1,
-            **_tiny_dims(),
-        ),
+    return Glm4MoeConfig(
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        **_tiny_dims(),
     )
+
+
+def _on_demand(name: str, architecture: str, description: str, config: Callable[[], object]) -> None:
+    """Register a zoo model built from ``config`` with random weights (seed 0) the first time it is asked for."""
+    if name in ZOO:
+        raise ValueError(f"zoo entry {name!r} registered twice")
+    ZOO[name] = ZooEntry(name, architecture, description, lambda: _random_init(name, config()), config)
+
+
+_on_demand(
+    "glm4-tiny",
+    "Glm4ForCausalLM",
+    "random weights from a small GLM-4-0414 config, seed 0, built on demand",
+    _glm4_tiny_config,
+)
+_on_demand(
+    "glm4-moe-tiny",
+    "Glm4MoeForCausalLM",
+    "random weights from a small GLM-4.5 MoE config, built on demand",
+    _glm4_moe_tiny_config,
+)
 
 
 def resolve(spec: str) -> Path:

@@ -140,7 +140,8 @@ def run_estimate(args, console) -> int:
 
 
 def _print(r: dict, console) -> None:
-    from qbench.measure.estimate import fmt_bytes, peak_summary
+    from qbench.measure.estimate import peak_summary
+    from qbench.measure.units import fmt_bytes
 
     def line(text: str = "") -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)

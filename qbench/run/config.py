@@ -14,9 +14,10 @@ from qbench.case import device_class
 from qbench.errors import UsageError
 from qbench.judge import reference as stored_reference
 from qbench.judge import store
+from qbench.measure.probe import check_device
 from qbench.models import zoo
 from qbench.run.context import ModelContext, check_reference_model
-from qbench.run.devices import check_device, check_plan, device_plan
+from qbench.run.devices import check_plan, device_plan
 from qbench.run.workload import Workload
 
 DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
@@ -147,7 +148,8 @@ class RunConfig:
             raise UsageError("baseline update recomputes the reference; drop --reference-source stored")
         self.workload.text()
         self.workload.prompt_set()
-        from qbench.measure.estimate import check_positions, load_config
+        from qbench.measure.estimate import check_positions
+        from qbench.measure.weights import load_config
         from qbench.models.loading import check_checkpoint_files
 
         if self.update_baselines:  # a baseline update writes there after its first case: say so before any work

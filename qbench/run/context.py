@@ -84,7 +84,7 @@ def prepare_model(spec: str, cfg: ModelSettings) -> ModelContext:
 
 
 def check_reference_model(spec: str, path: Path, ref_spec: str, ref_path: Path) -> None:
-    from qbench.measure.estimate import load_config
+    from qbench.measure.weights import load_config
 
     if tokenizer_fingerprint(path) != tokenizer_fingerprint(ref_path):
         raise UsageError(

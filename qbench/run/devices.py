@@ -12,6 +12,8 @@ import torch
 
 from qbench import methods
 from qbench.errors import UsageError
+from qbench.measure.probe import available_bytes
+from qbench.measure.probe import check_device as check_device  # the one device check; the pytest plugin reads it here
 from qbench.run.workload import Workload
 
 
@@ -27,20 +29,6 @@ class DeviceSettings(Protocol):
     workload: Workload
 
 
-def check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA device is visible here; use --device cpu or run on a GPU box")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {device}: qbench runs on cpu or cuda")
-
-
 DEVICE_MAP_STRATEGIES = {"auto": "balanced", "balanced": "balanced", "sequential": "sequential"}
 
 
@@ -53,10 +41,8 @@ def memory_budgets(cfg: DeviceSettings) -> dict:
         return planning.parse_max_memory(cfg.max_memory)
     if cfg.device_map not in DEVICE_MAP_STRATEGIES:
         return {}
-    import psutil
-
-    budgets: dict = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-    return {**budgets, "cpu": psutil.virtual_memory().available}
+    budgets: dict = {i: available_bytes(f"cuda:{i}")[0] for i in range(torch.cuda.device_count())}
+    return {**budgets, "cpu": available_bytes("cpu")[0]}
 
 
 def device_plan(path: Path, method: str, cfg: DeviceSettings, compute_dtype: str | None = None) -> dict:

@@ -1,19 +1,20 @@
-"""Crash-proof runs: a case that raises, aborts, segfaults, runs out of memory or hangs becomes that case's
-error verdict with the last lines of its log and its peak memory, and the rest of the run goes on."""
+"""Cases in their own processes: a resumed run keeps the finished cases and reuses the saved reference, and
+--threads reaches the process where the case is timed.
+
+A case that raises, aborts, segfaults, runs out of memory or hangs (its error verdict, its log's last lines, its peak
+memory, the run going on after it) and a runner stopped by a signal are tests/test_fault_catalogue.py's: one run for
+all the faults, one test for the three signals."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from workloads import SHORT_ARGS
 
 from qbench.cli import main
 
-TESTS = Path(__file__).parent
-# Every test here runs whole CLI runs with case processes (planted crashes, hangs, signals): minutes on 2 cores.
+# Every test here runs whole CLI runs with case processes: half a minute each on 2 cores.
 pytestmark = pytest.mark.processes
 
 # These tests judge what happens to processes, not quality: a short workload (256 scored positions, 2 greedy tokens)
@@ -24,21 +25,6 @@ FAST = SHORT_ARGS
 @pytest.fixture(autouse=True)
 def own_baselines(tmp_path, monkeypatch):
     monkeypatch.setenv("QBENCH_BASELINES", str(tmp_path / "baselines"))
-
-
-@pytest.fixture
-def faults(monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{TESTS.parent}")
-    monkeypatch.setenv("QBENCH_METHOD_MODULES", "fault_methods")
-    sys.path.insert(0, str(TESTS))
-    import fault_methods  # noqa: F401  (registers the fault methods in this process too, for validation)
-
-    yield
-    sys.path.remove(str(TESTS))
-
-
-# A case that raises, aborts, segfaults, runs out of memory or hangs, and the run going on after it:
-# tests/test_fault_catalogue.py (test_case_faults_each_become_one_error_and_keep_earlier_results), one run for all.
 
 
 def test_resume_keeps_finished_cases(tmp_path, capsys, monkeypatch):

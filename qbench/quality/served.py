@@ -102,3 +102,15 @@ def served_drift(ref: Reference, served: list[dict[int, float]]) -> dict:
     for pct, v in zip(KLD_PERCENTILES, torch.quantile(kld, qs).tolist(), strict=True):
         out[f"kld_p{pct:g}".replace(".", "_")] = v
     return out
+
+
+# The figures of engine drift the results keep (quality.engine_drift): those the unquantized bounds judge, and the
+# coverage saying how much of the distribution they saw.
+ENGINE_DRIFT_KEYS = ("kld_mean", "kld_p99", "kld_max", "ppl_ratio", "same_top1", "coverage_mean")
+
+
+def engine_drift(local: Reference, served: list[dict[int, float]], method: str) -> dict:
+    """Drift of the served log-probs from ``local``, the same checkpoint scored in-process with ``method`` (named in
+    the result): how far the engine's own kernels move the model, apart from any quantization."""
+    q = served_drift(local, served)
+    return {"method": method, **{key: q[key] for key in ENGINE_DRIFT_KEYS}}

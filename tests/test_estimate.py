@@ -34,7 +34,7 @@ def test_weight_bytes_equal_the_loaded_models_footprint(spec, method):
     if m.family in ("gptq", "awq"):
         pytest.skip(
             f"{method}: estimated as the checkpoint's stored tensors (exact: tests/test_estimate_prequantized.py); "
-            "GPTQModel's kernels add their own buffers once loaded (measured in qbench/measure/prequantized.py)"
+            "GPTQModel's kernels add their own buffers once loaded (measured in qbench/methods/prequantized_sizing.py)"
         )
     model = m.load(methods.LoadRequest(path, "cpu", m.default_compute_dtype))
     predicted = est.weight_table(est.load_config(path), est.weight_format(method)).total

@@ -1,6 +1,6 @@
 """The estimate of pre-quantized checkpoints (``gptq``, ``awq``, ``fp8``) from their ``quantization_config``: checked
 against an independent count of the tensors each format stores (written here as shape lists, one per tensor, from
-the libraries' own layouts; see qbench/measure/prequantized.py), on GLM-4-9B's shapes and on glm-tiny's, and
+the libraries' own layouts; see qbench/methods/prequantized_sizing.py), on GLM-4-9B's shapes and on glm-tiny's, and
 against the bytes of qbench's shipped GPTQ checkpoint of glm-tiny where it is present."""
 
 from __future__ import annotations

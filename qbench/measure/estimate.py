@@ -4,6 +4,8 @@ This module assembles the estimate and checks its inputs; each part lives with i
 the weight side in :mod:`qbench.measure.weights`, the runtime timeline in :mod:`qbench.measure.runtime`, the load
 phase in :mod:`qbench.measure.load_phase`, the measured constants and byte units in :mod:`qbench.measure.units`,
 the device check and the free-memory probe in :mod:`qbench.measure.probe`. Their names stay importable from here.
+What is a method's own (its bytes per quantized weight, what a forward or loading adds) is its size model: the hooks
+of :class:`qbench.methods.registry.Method` that its module overrides; nothing here asks which method it is.
 
 Nothing is loaded: the model is built on the meta device from ``config.json`` and every tensor's size is worked
 out for the method analytically. The peak is the sum of
@@ -32,7 +34,7 @@ out for the method analytically. The peak is the sum of
     per group in the compute dtype (``2 * n/64 * dtype``); a linear whose ``n`` is not a whole (4-bit: even) number
     of groups stays unquantized. Scale, zero and bias are no parameters of the module; ``weights_bytes`` adds them.
   - compressed-tensors (``ct-w4a16``, ``ct-w8a8``; a checkpoint's own ``quantization_config`` when it has one, see
-    :mod:`qbench.measure.compressed_tensors`): pack-quantized ``out * ceil(in * bits/32)`` int32 + scale per group in
+    :mod:`qbench.methods.ct_sizing`): pack-quantized ``out * ceil(in * bits/32)`` int32 + scale per group in
     the compute dtype + 16 B ``weight_shape``; int-quantized ``n`` int8 + scale per row; kept packed while running.
   - everything else (embeddings, norms, biases, lm_head, MoE router and fused experts) in the compute dtype;
     buffers in their own dtype (RoPE ``inv_freq`` is fp32).
@@ -84,6 +86,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qbench import methods
 from qbench.errors import UsageError
 
 # The parts of the estimate, re-exported where this module does not use them itself: callers (qbench.run.plan, the
@@ -204,7 +207,8 @@ def estimate(
     kv = kv_cache_bytes(shape, context + new_tokens, batch, d)
     act = activation_bytes(shape, batch * context, d) + linear_temporaries_bytes(fmt, largest, batch * context)
     transient, transient_note = weight_transient_bytes(fmt, largest, device)
-    prequantized = fmt.scheme == "chatglm" and prequantized_bits(path_or_config) == fmt.bits
+    # a checkpoint already in the method's format, read as stored (a prequantized ChatGLM one)
+    prequantized = methods.get(method).loads_as_stored(fmt, path_or_config)
     scale_dtype = checkpoint_dtype(config) if prequantized else fmt.compute_dtype
     kernel_copy, kernel_copy_note = kernel_copy_bytes(fmt, table, device, scale_dtype)
     from qbench.formats.chatglm_int4pack import MAX_ROWS

@@ -9,23 +9,13 @@ a time. The runtime side is :mod:`qbench.measure.runtime`; :mod:`qbench.measure.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qbench.measure.units import HQQ_SOLVER_BYTES_PER_WEIGHT
 from qbench.measure.weights import DTYPE_BYTES, WeightFormat, WeightTable
+from qbench.methods.chatglm import prequantized_bits  # noqa: F401  (re-exported: its old home)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-
-def prequantized_bits(path_or_config) -> int | None:
-    """The quantization_bit of a ChatGLM-format checkpoint directory (None for anything else)."""
-    from qbench.models.loading import chatglm_bits
-
-    if not isinstance(path_or_config, (str, Path)) or not Path(path_or_config).expanduser().is_dir():
-        return None
-    return chatglm_bits(Path(path_or_config).expanduser())
 
 
 def checkpoint_dtype(config: PretrainedConfig) -> str | None:
@@ -49,31 +39,19 @@ def load_phase(config: PretrainedConfig, fmt: WeightFormat, table: WeightTable, 
     transformers 5.23) through the run when the method quantizes. These pages are reclaimable page cache, so they
     inflate RSS more than they risk an OOM; they do not exist in GPU memory.
     """
+    from qbench import methods
+
+    method = methods.get(fmt.method)  # its size model: what loading it holds (qbench.methods.registry.Method)
     largest = table.largest_quantized()
     n = largest[0] * largest[1] if largest else 0
     unquantized = sum(t.numel * fmt.dtype_bytes if t.kind != "buffer" else t.nbytes for t in table.tensors)
-    stored = checkpoint_bytes(config, table)
-    if fmt.scheme in ("gptq", "awq", "fp8"):  # the checkpoint holds the quantized tensors as they load (no buffers)
-        stored = table.total - sum(t.nbytes for t in table.tensors if t.kind == "buffer")
+    stored = method.stored_bytes(
+        checkpoint_bytes(config, table), table.total - sum(t.nbytes for t in table.tensors if t.kind == "buffer")
+    )
     converts = stored is not None and stored != unquantized - sum(t.nbytes for t in table.tensors if t.kind == "buffer")
-    quantizes = fmt.scheme != "none"
+    quantizes = method.quantized
     pages = (stored or 0) if not device.startswith("cuda") and (converts or quantizes) else 0
-    held = table.total
-    if fmt.scheme == "chatglm":
-        # The checkpoint is loaded unquantized in the compute dtype, then quantize_model replaces the linears; the
-        # largest one is divided and rounded in that dtype (two temporaries) into int8. On CPU without a dtype
-        # conversion the unquantized model is the mapped pages themselves.
-        held = unquantized if device.startswith("cuda") or converts else table.total
-        extra, note = n * (2 * fmt.dtype_bytes + 1), "ChatGLM methods load the checkpoint unquantized, then quantize"
-    elif fmt.scheme.startswith("bnb"):
-        extra, note = n * fmt.dtype_bytes, "bitsandbytes quantizes each weight from a compute-dtype copy while loading"
-    elif fmt.scheme.startswith("hqq-"):
-        # Loaded unquantized (as the ChatGLM methods are), then each linear replaced in turn while hqq's proximal
-        # solver works on fp32 copies of it (HQQ_SOLVER_BYTES_PER_WEIGHT).
-        held = unquantized if device.startswith("cuda") or converts else table.total
-        extra, note = HQQ_SOLVER_BYTES_PER_WEIGHT * n, "hqq loads the checkpoint unquantized, then quantizes"
-    else:
-        extra, note = 0, "weights load as they are kept"
+    held, extra, note = method.load_extra(fmt, n, table.total, unquantized, converts, device)
     if pages:
         note += "; the memory-mapped checkpoint's pages count in RSS"
     return {"bytes": pages + held + extra, "pages": pages, "retained_pages": pages if quantizes else 0, "note": note}

@@ -11,17 +11,15 @@ it uses are in :mod:`qbench.measure.units`, the weights in :mod:`qbench.measure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qbench.measure.units import (
-    CPU_BNB_IMPORT_BYTES,
     CPU_RUNTIME_BYTES,
     CUDA_CONTEXT_BYTES,
     SAMPLING_BYTES_PER_VOCAB,
 )
 from qbench.measure.weights import WeightFormat, WeightTable
+from qbench.methods.sizing import cpu_flags as _cpu_flags  # noqa: F401  (re-exported: its old home)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -162,83 +160,39 @@ def activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
     return stream + max(attn, mlp, norm)
 
 
-@lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+def _size_model(fmt: WeightFormat):
+    """The method whose size model ``fmt`` is (its hooks: qbench.methods.registry.Method)."""
+    from qbench import methods
+
+    return methods.get(fmt.method)
 
 
 def weight_transient_bytes(fmt: WeightFormat, largest: tuple[int, int] | None, device: str) -> tuple[int, str]:
-    """A method's weight-sized temporary in a forward, for its largest quantized linear: (bytes, why)."""
-    if largest is None or fmt.scheme == "none":
+    """A method's weight-sized temporary in a forward, for its largest quantized linear: (bytes, why); the
+    method's ``weight_transient`` hook."""
+    if largest is None:
         return 0, "none"
-    n = largest[0] * largest[1]
-    cuda = device.startswith("cuda")
-    if fmt.scheme == "chatglm":
-        return n * fmt.dtype_bytes + (n // 2 if fmt.bits == 4 else 0), "ChatGLM dequantizes the weight per forward"
-    if fmt.scheme == "bnb-4bit":
-        if not cuda and "avx512_bf16" in _cpu_flags():
-            return 7 * n, "bitsandbytes repacks 4-bit weights for AVX512-BF16 on the first CPU forward (int32 unpack)"
-        return n * fmt.dtype_bytes, "bitsandbytes dequantizes the 4-bit weight for a multi-token forward"
-    if fmt.scheme == "bnb-int8":
-        import torch
-
-        if cuda or torch.backends.cpu.get_cpu_capability() == "AVX512":
-            return 0, "int8 matmul kernel, no dequantized weight"
-        return 4 * n, "bitsandbytes' CPU fallback multiplies in fp32 (weight.float())"
-    if fmt.scheme.startswith("hqq-"):
-        # hqq 0.2.8's Quantizer.dequantize: the unpacked weight, (W - zero), times scale, each in the compute dtype;
-        # measured peak RSS over one forward of a 4096x2048 HQQLinear in bf16: 6.2 n (4-bit), 4.0 n bytes (8-bit).
-        copies = 3 if fmt.bits == 4 else 2
-        return copies * n * fmt.dtype_bytes, "hqq dequantizes the whole weight into the compute dtype per forward"
-    if fmt.scheme == "compressed-tensors":
-        # qbench.methods.compressed_tensors dequantizes per call with compressed-tensors' decompressor (0.20, from its
-        # code): int4 unpacking makes a [out, in/2, 2] uint8 stack and the int8 values (n bytes each); dequantize
-        # casts them to the compute dtype and multiplies by the scales (two n * dtype tensors).
-        unpack = 2 * n if fmt.bits == 4 else 0
-        return unpack + 2 * n * fmt.dtype_bytes, "compressed-tensors dequantizes the weight per forward"
-    return 0, "none"
+    return _size_model(fmt).weight_transient(fmt, largest, device)
 
 
 def kernel_copy_bytes(fmt: WeightFormat, table: WeightTable, device: str, scale_dtype: str) -> tuple[int, str]:
-    """Bytes of a second, kernel-ready copy of the quantized weights a method keeps while decoding: (bytes, why).
-
-    ChatGLM int4 on a CPU whose torch kernels are vectorized decodes a few bf16 rows with torch's CPU int4 kernel
-    (:mod:`qbench.formats.chatglm_int4pack`), which holds its own copy of each layer (1 byte per weight plus its
-    scales, :func:`~qbench.formats.chatglm_int4pack.pack_bytes`) beside the format's tensors. Only where the
-    scales are bf16 (``scale_dtype``): qbench's own quantization keeps them in the compute dtype; a prequantized
-    checkpoint keeps the dtype it was stored in.
-    """
-    if fmt.scheme != "chatglm" or fmt.bits != 4 or device.startswith("cuda"):
-        return 0, "none"
-    import torch
-
-    from qbench.formats import chatglm_int4pack as int4pack
-
-    if fmt.compute_dtype != "bf16" or scale_dtype != "bf16":
-        return 0, "ChatGLM int4 dequantizes per forward: the CPU int4 kernel is used for bf16 activations and scales"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in int4pack.CAPABILITIES or not int4pack.kernel_available():
-        return 0, f"ChatGLM int4 dequantizes per forward: torch's CPU int4 kernel is not vectorized on {capability}"
-    total = sum(int4pack.pack_bytes(out, inp) for out, inp in table.quantized.values())
-    return total, "ChatGLM int4 decodes with torch's CPU int4 kernel, which keeps its own copy of the weights"
+    """Bytes of a second, kernel-ready copy of the quantized weights a method keeps while decoding: (bytes, why);
+    the method's ``kernel_copy`` hook (ChatGLM int4 on a CPU: :meth:`qbench.methods.chatglm._ChatGLM.kernel_copy`).
+    ``scale_dtype``: the dtype the scales are kept in (a prequantized checkpoint's stored dtype)."""
+    return _size_model(fmt).kernel_copy(fmt, table.quantized, device, scale_dtype)
 
 
 def runtime_overhead(fmt: WeightFormat, device: str) -> tuple[int, str]:
+    """The process baseline on ``device`` plus what the method adds to it (its ``runtime_extra_bytes`` hook)."""
+    extra = _size_model(fmt).runtime_extra_bytes(fmt, device)
     if device.startswith("cuda"):
-        return CUDA_CONTEXT_BYTES, "CUDA context with lazy module loading + cuBLAS (CUDA_CONTEXT_BYTES)"
-    extra = CPU_BNB_IMPORT_BYTES if fmt.scheme.startswith("bnb") else 0
+        return CUDA_CONTEXT_BYTES + extra, "CUDA context with lazy module loading + cuBLAS (CUDA_CONTEXT_BYTES)"
     return CPU_RUNTIME_BYTES + extra, "measured RSS of a Python + torch + transformers process (CPU_RUNTIME_BYTES)"
 
 
 def linear_temporaries_bytes(fmt: WeightFormat, largest: tuple[int, int] | None, tokens: int) -> int:
-    """LLM.int8's per-call temporaries for its largest linear: the activations in fp16 and int8 (3 B per input),
-    the int32 product, its fp32 dequantization and the fp16 output (10 B per output)."""
-    if fmt.scheme != "bnb-int8" or largest is None:
+    """A method's per-call temporaries for its largest linear (LLM.int8's activations in fp16 and int8, its int32
+    product...): the method's ``linear_temporaries`` hook."""
+    if largest is None:
         return 0
-    return tokens * (3 * largest[1] + 10 * largest[0])
+    return _size_model(fmt).linear_temporaries(fmt, largest, tokens)

@@ -9,6 +9,9 @@ means the estimate as a whole: :mod:`qbench.measure.estimate` and the modules it
 
 from __future__ import annotations
 
+from qbench.methods import bnb as bnb_method
+from qbench.methods import hqq as hqq_method
+
 MiB, GiB = 2**20, 2**30
 # CPU process baseline: peak RSS (VmHWM) of a fresh Python 3.11 process that imports torch 2.13.0 (CPU),
 # transformers 5.24 and qbench (qbench.methods imports every method family's library it finds: torchao, quanto, ...),
@@ -18,15 +21,14 @@ MiB, GiB = 2**20, 2**30
 # installed). It grows with the CPU thread count (per-thread stacks, oneDNN scratch), library versions and the method
 # libraries installed.
 CPU_RUNTIME_BYTES = 402 * MiB
-# Loading through bitsandbytes (its import and CPU kernels) adds 45-70 MiB on the same box (403-424 MiB).
-CPU_BNB_IMPORT_BYTES = 50 * MiB
+# Loading through bitsandbytes (its import and CPU kernels) adds 45-70 MiB on the same box: the method's own figure.
+CPU_BNB_IMPORT_BYTES = bnb_method.CPU_IMPORT_BYTES
 # CUDA context: 287,047,680 bytes with lazy module loading (the default since PyTorch 1.13 on CUDA >= 11.7;
 # measured in pytorch/pytorch#86509, 667 MB without it), plus cuBLAS handle + workspace and the kernels a
 # transformer's first forward loads lazily (typically 100-250 MB): 512 MiB in all.
 CUDA_CONTEXT_BYTES = 512 * MiB
-# Peak bytes per weight of hqq 0.2.8 quantizing one linear on the CPU (fp32 working copies of its proximal solver):
-# measured 36.4 (8-bit) and 37.6 (4-bit) of peak RSS above a bf16 4096x2048 linear, rounded up.
-HQQ_SOLVER_BYTES_PER_WEIGHT = 38
+# Peak bytes per weight of hqq quantizing one linear on the CPU: the method's own figure (its provenance is there).
+HQQ_SOLVER_BYTES_PER_WEIGHT = hqq_method.SOLVER_BYTES_PER_WEIGHT
 KEEP_LOGITS = ("last", "prompt", "all")
 # Which generation path each --keep-logits choice stands for (recorded in the estimate's JSON as generation_path).
 GENERATION_PATHS = {

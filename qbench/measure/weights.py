@@ -14,117 +14,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qbench.errors import UsageError
+from qbench.methods.bnb import BNB_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # noqa: F401  (re-exported: their old home)
+from qbench.methods.quanto import QUANTO_LINEAR_BUFFERS  # noqa: F401  (re-exported: its old home)
+from qbench.methods.sizing import DTYPE_BYTES, WeightFormat  # noqa: F401  (re-exported: their old home)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "models" / "data" / "configs"
-BNB_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig does not expose it; bitsandbytes' default on CUDA and CPU
-BNB_NESTED_BLOCKSIZE = 256  # double quantization's blocksize for the absmax (bitsandbytes.functional.quantize_4bit)
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-QUANTO_LINEAR_BUFFERS = 2 * 4  # a quanto QLinear's input_scale and output_scale: 0-d fp32 each
 
 
-@dataclass(frozen=True)
-class WeightFormat:
-    """How a method stores weights: ``scheme`` names the layout of its quantized linears."""
+def _size_model(fmt: WeightFormat):
+    """The method whose size model ``fmt`` is: every per-format figure is its hook (qbench.methods.registry)."""
+    from qbench import methods
 
-    method: str
-    compute_dtype: str  # bf16 | fp16 | fp32
-    # none | bnb-4bit | bnb-int8 | chatglm | torchao-int8 | torchao-int4 | torchao-int4-tinygemm | torchao-float8 |
-    # quanto-int8 | quanto-int4 | quanto-float8 | hqq-4bit | hqq-8bit | compressed-tensors
-    scheme: str
-    bits: int = 16
-    double_quant: bool = False
-    # input columns per scale (torchao int4; hqq: weights per group of the flattened rows); None: per row, or the
-    # library's choice
-    group_size: int | None = None
-
-    @property
-    def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.compute_dtype]
+    return methods.get(fmt.method)
 
 
 def weight_format(method: str, compute_dtype: str | None = None, device: str = "cpu") -> WeightFormat:
     """The layout of ``method``'s weights on ``device``, read from the method's own settings (its
-    BitsAndBytesConfig, its bits, its group size)."""
+    BitsAndBytesConfig, its bits, its group size) by its ``weight_format`` hook."""
     from qbench import methods
 
     m = methods.get(method)
     dtype = compute_dtype or m.default_compute_dtype
     methods.torch_dtype(dtype)  # UsageError for a bad dtype
-    if not m.quantized:
-        return WeightFormat(method, dtype, "none")
-    if m.family == "bitsandbytes":
-        cfg = m.config(methods.torch_dtype(dtype))
-        if cfg.load_in_4bit:
-            return WeightFormat(method, dtype, "bnb-4bit", 4, bool(cfg.bnb_4bit_use_double_quant))
-        return WeightFormat(method, dtype, "bnb-int8", 8)
-    if m.family == "chatglm":
-        return WeightFormat(method, dtype, "chatglm", m.bits)
-    if m.family in ("gptq", "awq", "fp8"):  # the checkpoint's quantization_config fixes the rest (weight_table)
-        return WeightFormat(method, dtype, m.family)
-    if m.family == "compressed-tensors":  # a user's checkpoint's quantization_config, else the method's (weight_table)
-        return WeightFormat(method, dtype, m.family, m.weight_bits, group_size=m.group_size)
-    if m.family in ("torchao", "quanto"):
-        if (why := m.unavailable("cpu")) is not None:  # its quantizer decides which linears it takes
-            raise UsageError(f"--method {method}: {why}")
-        scheme = f"{m.family}-{m.weights}"
-        if scheme == "torchao-int4" and device.startswith("cuda"):
-            scheme = "torchao-int4-tinygemm"
-        return WeightFormat(method, dtype, scheme, m.bits, group_size=getattr(m, "group_size", None))
-    if m.family == "hqq":
-        return WeightFormat(method, dtype, f"hqq-{m.bits}bit", m.bits, group_size=m.group_size)
-    raise UsageError(
-        f"--method {method}: the estimate has no size model for the {m.family} family; "
-        "add one to qbench/measure/estimate.py"
-    )
+    return m.weight_format(dtype, device)
 
 
 def code_book_bytes(fmt: WeightFormat) -> int:
     """Bytes of the lookup tables a model holds once (counted once, as ``weights_bytes`` does)."""
-    if fmt.scheme != "bnb-4bit":
-        return 0
-    return 16 * 4 + (256 * 4 if fmt.double_quant else 0)
+    return _size_model(fmt).code_book_bytes(fmt)
 
 
 def quantized_linear_bytes(fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
     """(bytes of the quantized weight, bytes of its side data) for one ``[out, in]`` linear, code books aside."""
-    n = out_features * in_features
-    if fmt.scheme == "bnb-4bit":
-        blocks = -(-n // BNB_BLOCKSIZE)
-        if fmt.double_quant:
-            return (n + 1) // 2, blocks + -(-blocks // BNB_NESTED_BLOCKSIZE) * 4
-        return (n + 1) // 2, blocks * 4
-    if fmt.scheme == "bnb-int8":
-        return n, out_features * 4
-    if fmt.scheme == "chatglm":
-        return (n if fmt.bits == 8 else out_features * (in_features // 2)), out_features * fmt.dtype_bytes
-    if fmt.scheme == "torchao-int8":  # Int8Tensor: int8 data, fp32 scale and int8 zero point per row
-        return n, out_features * (4 + 1)
-    if fmt.scheme == "torchao-float8":  # Float8Tensor: e4m3 data, fp32 scale per row
-        return n, out_features * 4
-    if fmt.scheme == "torchao-int4":  # Int4OpaqueTensor: [out, in/2] uint8, scale+zero [in/group, out, 2]
-        return n // 2, (in_features // fmt.group_size) * out_features * 2 * fmt.dtype_bytes
-    if fmt.scheme == "torchao-int4-tinygemm":  # Int4TilePackedTo4dTensor pads in to 1024s, out to 8s; bf16 only
-        out_p, in_p = -(-out_features // 8) * 8, -(-in_features // 1024) * 1024
-        return out_p * in_p // 2, (in_p // fmt.group_size) * out_p * 2 * 2
-    # optimum-quanto: every QLinear also holds two 0-d fp32 buffers (input_scale, output_scale), counted here as
-    # side data of its weight so that a device-map proxy places them with it.
-    if fmt.scheme in ("quanto-int8", "quanto-float8"):  # WeightQBytesTensor: 8-bit data, scale per row
-        return n, out_features * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
-    if fmt.scheme == "quanto-int4":
-        from qbench.methods.quanto import int4_group_size
-
-        group = int4_group_size(in_features)
-        if group == 128 and fmt.compute_dtype == "bf16":  # tinygemm: [out, in/2] uint8, scale+shift [in/128, out, 2]
-            return n // 2, (in_features // group) * out_features * 2 * 2 + QUANTO_LINEAR_BUFFERS
-        # WeightQBitsTensor: rows of `group` values (or whole rows), two rows per byte row; scale and shift per row
-        rows, cols = (n // group, group) if group else (out_features, in_features)
-        return -(-rows // 2) * cols, 2 * rows * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
-    if fmt.scheme in ("hqq-4bit", "hqq-8bit"):  # HQQLinear: uint8 W_q (two 4-bit values a byte), scale+zero per group
-        return n * fmt.bits // 8, 2 * (n // fmt.group_size) * fmt.dtype_bytes
-    raise ValueError(f"{fmt.scheme} quantizes no linear")
+    return _size_model(fmt).linear_bytes(fmt, out_features, in_features)
 
 
 # ---------------------------------------------------------------------------------------------- config and meta model
@@ -196,53 +121,9 @@ def meta_model(config: PretrainedConfig, compute_dtype: str):
 
 
 def _quantized_linears(model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
-    """name → (out, in) of the linears ``fmt`` quantizes, decided as loading decides it."""
-    import torch
-
-    if fmt.scheme == "none":
-        return {}
-    if fmt.scheme == "chatglm":
-        from qbench.methods.chatglm import TARGETS
-
-        return {
-            n: (m.out_features, m.in_features)
-            for n, m in model.named_modules()
-            if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in TARGETS
-        }
-    from transformers.quantizers import AutoHfQuantizer
-
-    from qbench import methods
-
-    if fmt.scheme.startswith("hqq-"):  # the method's own choice, asked by its loading too
-        return methods.get(fmt.method).targets(model)
-    original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
-    method = methods.get(fmt.method)
-    if fmt.scheme.startswith("torchao-"):  # the module stays an nn.Linear: ask the quantizer about each weight
-        device = "cuda" if fmt.scheme.endswith("-tinygemm") else "cpu"
-        quantizer = AutoHfQuantizer.from_config(method.config(device), pre_quantized=False)
-        quantizer.preprocess_model(model, device_map=None)
-        shapes = {n: (m.out_features, m.in_features) for n, m in original.items()}
-        return {
-            n: shape
-            for n, shape in shapes.items()
-            if quantizer.param_needs_quantization(model, f"{n}.weight") and method.quantizes(*shape)
-        }
-    if fmt.scheme.startswith("quanto-"):
-        from optimum.quanto import QModuleMixin
-
-        AutoHfQuantizer.from_config(method.config(), pre_quantized=False).preprocess_model(model, device_map=None)
-        kinds = (QModuleMixin,)
-    else:
-        import bitsandbytes as bnb
-
-        qcfg = method.config(methods.torch_dtype(fmt.compute_dtype))
-        AutoHfQuantizer.from_config(qcfg, pre_quantized=False).preprocess_model(model, device_map=None)
-        kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    return {
-        n: (original[n].out_features, original[n].in_features)
-        for n, m in model.named_modules()
-        if isinstance(m, kinds) and n in original
-    }
+    """name → (out, in) of the linears ``fmt`` quantizes, decided as loading decides it (the method's
+    ``quantized_linears`` hook)."""
+    return _size_model(fmt).quantized_linears(model, fmt)
 
 
 @dataclass(frozen=True)
@@ -298,23 +179,9 @@ def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
 
 
 def _prequantized(config: PretrainedConfig, fmt: WeightFormat):
-    """For a method that loads a pre-quantized checkpoint (gptq, awq, fp8): the layout its quantization_config
-    describes (:mod:`qbench.measure.prequantized`); None for every other method."""
-    from qbench.measure import prequantized
-
-    if fmt.scheme == "compressed-tensors":  # ct-w4a16, ct-w8a8: qbench.measure.compressed_tensors
-        from qbench import methods
-        from qbench.measure import compressed_tensors
-
-        return compressed_tensors.layout(methods.get(fmt.method), config, fmt.dtype_bytes)
-    if fmt.scheme not in prequantized.QUANT_METHODS:
-        return None
-    from qbench import methods
-    from qbench.methods.prequantized import quantization_config
-
-    method = methods.get(fmt.method)  # a config without its own: the recipe of the checkpoint qbench ships (gptq)
-    shipped = [quantization_config(method.shipped_root / f) for f in getattr(method, "shipped", {}).values()]
-    return prequantized.from_config(fmt.scheme, config, default=next(filter(None, shipped), None))
+    """For a method that loads a pre-quantized checkpoint (gptq, awq, fp8, compressed-tensors): the layout its
+    quantization_config describes (the method's ``prequantized_layout`` hook); None for every other method."""
+    return _size_model(fmt).prequantized_layout(config, fmt)
 
 
 # ----------------------------------------------------------------------------------------------------- runtime terms

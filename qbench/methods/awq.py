@@ -6,7 +6,7 @@ AutoAWQ, AWQ's original library, is deprecated and has no GLM support; transform
 (``quantizers/quantizer_awq.py``, ``integrations/awq.py``) requires GPTQModel and builds every quantized linear from
 GPTQModel's AWQ kernels (``hf_select_quant_linear_v2``). AWQ GEMM layout per ``[out, in]`` linear: ``qweight`` int32
 ``[in, out/8]`` (packed along the output), ``qzeros`` int32 ``[in/group, out/8]``, ``scales`` fp16 ``[in/group,
-out]`` (the estimate's formula: :mod:`qbench.measure.prequantized`).
+out]`` (the estimate's formula: :mod:`qbench.methods.prequantized_sizing`).
 
 Devices: CUDA only, as issue #13 found, though not for want of a CPU kernel. GPTQModel 7.6's AWQ kernels
 (``AwqGEMMLinear``, GEMV, Marlin, Machete) declare ``SUPPORTS_DEVICES = [CUDA]``; for a GEMM checkpoint on the CPU

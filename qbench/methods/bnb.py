@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.methods.sizing import WeightFormat, cpu_flags
 from qbench.models.loading import load_causal_lm
+
+# The estimate's size model of bitsandbytes' layouts (see qbench.measure.estimate's docstring for the formulas).
+BNB_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig does not expose it; bitsandbytes' default on CUDA and CPU
+BNB_NESTED_BLOCKSIZE = 256  # double quantization's blocksize for the absmax (bitsandbytes.functional.quantize_4bit)
+# Loading through bitsandbytes (its import and CPU kernels) adds 45-70 MiB on the same box as
+# qbench.measure.units.CPU_RUNTIME_BYTES (403-424 MiB); units re-exports it as CPU_BNB_IMPORT_BYTES.
+CPU_IMPORT_BYTES = 50 * 2**20
 
 
 class _Bnb(Method):
@@ -32,6 +40,39 @@ class _Bnb(Method):
 
         head = model.get_output_embeddings()
         return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
+
+    # ------------------------------------------------------------------------------------------------- size model
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        cfg = self.config(torch_dtype(compute_dtype))
+        if cfg.load_in_4bit:
+            return WeightFormat(self.name, compute_dtype, "bnb-4bit", 4, bool(cfg.bnb_4bit_use_double_quant))
+        return WeightFormat(self.name, compute_dtype, "bnb-int8", 8)
+
+    def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+        # transformers' own quantizer decides (replace_with_bnb_linear on the meta model)
+        import bitsandbytes as bnb
+        import torch
+        from transformers.quantizers import AutoHfQuantizer
+
+        original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+        qcfg = self.config(torch_dtype(fmt.compute_dtype))
+        AutoHfQuantizer.from_config(qcfg, pre_quantized=False).preprocess_model(model, device_map=None)
+        kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        return {
+            n: (original[n].out_features, original[n].in_features)
+            for n, m in model.named_modules()
+            if isinstance(m, kinds) and n in original
+        }
+
+    def runtime_extra_bytes(self, fmt: WeightFormat, device: str) -> int:
+        return 0 if device.startswith("cuda") else CPU_IMPORT_BYTES
+
+    def load_extra(
+        self, fmt: WeightFormat, largest: int, kept: int, unquantized: int, converts: bool, device: str
+    ) -> tuple[int, int, str]:
+        n = largest
+        return kept, n * fmt.dtype_bytes, "bitsandbytes quantizes each weight from a compute-dtype copy while loading"
 
 
 # bitsandbytes' CPU 4-bit kernel (used on CPUs with AVX512-BF16, in inference) repacks each weight on its first
@@ -92,6 +133,22 @@ class _Bnb4bit(_Bnb):
             bnb_4bit_compute_dtype=compute_dtype,
         )
 
+    def code_book_bytes(self, fmt: WeightFormat) -> int:
+        return 16 * 4 + (256 * 4 if fmt.double_quant else 0)
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        n = out_features * in_features
+        blocks = -(-n // BNB_BLOCKSIZE)
+        if fmt.double_quant:
+            return (n + 1) // 2, blocks + -(-blocks // BNB_NESTED_BLOCKSIZE) * 4
+        return (n + 1) // 2, blocks * 4
+
+    def weight_transient(self, fmt: WeightFormat, largest: tuple[int, int], device: str) -> tuple[int, str]:
+        n = largest[0] * largest[1]
+        if not device.startswith("cuda") and "avx512_bf16" in cpu_flags():
+            return 7 * n, "bitsandbytes repacks 4-bit weights for AVX512-BF16 on the first CPU forward (int32 unpack)"
+        return n * fmt.dtype_bytes, "bitsandbytes dequantizes the 4-bit weight for a multi-token forward"
+
 
 @register
 class NF4(_Bnb4bit):
@@ -123,3 +180,19 @@ class Int8(_Bnb):
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        return out_features * in_features, out_features * 4
+
+    def weight_transient(self, fmt: WeightFormat, largest: tuple[int, int], device: str) -> tuple[int, str]:
+        import torch
+
+        n = largest[0] * largest[1]
+        if device.startswith("cuda") or torch.backends.cpu.get_cpu_capability() == "AVX512":
+            return 0, "int8 matmul kernel, no dequantized weight"
+        return 4 * n, "bitsandbytes' CPU fallback multiplies in fp32 (weight.float())"
+
+    def linear_temporaries(self, fmt: WeightFormat, largest: tuple[int, int], tokens: int) -> int:
+        # LLM.int8's per-call temporaries for its largest linear: the activations in fp16 and int8 (3 B per input),
+        # the int32 product, its fp32 dequantization and the fp16 output (10 B per output).
+        return tokens * (3 * largest[1] + 10 * largest[0])

@@ -27,6 +27,7 @@ from torch import nn
 from qbench.formats.chatglm_linear import ChatGLMQuantLinear
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.methods.sizing import WeightFormat
 from qbench.models.loading import chatglm_bits, load_causal_lm
 
 TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj"})
@@ -72,6 +73,71 @@ class _ChatGLM(Method):
 
     def left_unquantized(self, model) -> list[str]:
         return [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in TARGETS]
+
+    # ------------------------------------------------------------------------------------------------- size model
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        return WeightFormat(self.name, compute_dtype, "chatglm", self.bits)
+
+    def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+        return {
+            n: (m.out_features, m.in_features)
+            for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in TARGETS
+        }
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        n = out_features * in_features
+        return (n if fmt.bits == 8 else out_features * (in_features // 2)), out_features * fmt.dtype_bytes
+
+    def weight_transient(self, fmt: WeightFormat, largest: tuple[int, int], device: str) -> tuple[int, str]:
+        n = largest[0] * largest[1]
+        return n * fmt.dtype_bytes + (n // 2 if fmt.bits == 4 else 0), "ChatGLM dequantizes the weight per forward"
+
+    def kernel_copy(
+        self, fmt: WeightFormat, quantized: dict[str, tuple[int, int]], device: str, scale_dtype: str
+    ) -> tuple[int, str]:
+        """ChatGLM int4 on a CPU whose torch kernels are vectorized decodes a few bf16 rows with torch's CPU int4
+        kernel (:mod:`qbench.formats.chatglm_int4pack`), which holds its own copy of each layer (1 byte per weight
+        plus its scales, :func:`~qbench.formats.chatglm_int4pack.pack_bytes`) beside the format's tensors. Only where
+        the scales are bf16 (``scale_dtype``): qbench's own quantization keeps them in the compute dtype; a
+        prequantized checkpoint keeps the dtype it was stored in."""
+        if fmt.bits != 4 or device.startswith("cuda"):
+            return 0, "none"
+        from qbench.formats import chatglm_int4pack as int4pack
+
+        if fmt.compute_dtype != "bf16" or scale_dtype != "bf16":
+            return (
+                0,
+                "ChatGLM int4 dequantizes per forward: the CPU int4 kernel is used for bf16 activations and scales",
+            )
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability not in int4pack.CAPABILITIES or not int4pack.kernel_available():
+            return 0, f"ChatGLM int4 dequantizes per forward: torch's CPU int4 kernel is not vectorized on {capability}"
+        total = sum(int4pack.pack_bytes(out, inp) for out, inp in quantized.values())
+        return total, "ChatGLM int4 decodes with torch's CPU int4 kernel, which keeps its own copy of the weights"
+
+    def load_extra(
+        self, fmt: WeightFormat, largest: int, kept: int, unquantized: int, converts: bool, device: str
+    ) -> tuple[int, int, str]:
+        n = largest
+        # The checkpoint is loaded unquantized in the compute dtype, then quantize_model replaces the linears; the
+        # largest one is divided and rounded in that dtype (two temporaries) into int8. On CPU without a dtype
+        # conversion the unquantized model is the mapped pages themselves.
+        held = unquantized if device.startswith("cuda") or converts else kept
+        return held, n * (2 * fmt.dtype_bytes + 1), "ChatGLM methods load the checkpoint unquantized, then quantize"
+
+    def loads_as_stored(self, fmt: WeightFormat, path_or_config) -> bool:
+        return prequantized_bits(path_or_config) == fmt.bits
+
+
+def prequantized_bits(path_or_config) -> int | None:
+    """The quantization_bit of a ChatGLM-format checkpoint directory (None for anything else)."""
+    from pathlib import Path
+
+    if not isinstance(path_or_config, (str, Path)) or not Path(path_or_config).expanduser().is_dir():
+        return None
+    return chatglm_bits(Path(path_or_config).expanduser())
 
 
 @register

@@ -31,8 +31,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
+from qbench.methods.ct_sizing import matches
 from qbench.methods.prequantized import Prequantized
 from qbench.methods.registry import register
+from qbench.methods.sizing import WeightFormat
 
 # compressed-tensors' API used below (BaseCompressor.decompress(state_dict, scheme), forward_quantize) and the
 # decompress-on-first-forward hook removed here are those of 0.20 (tested: 0.20.1 under transformers 5.24; the
@@ -68,6 +70,30 @@ class _CompressedTensors(Prequantized):
     weight_bits: ClassVar[int]
     activation_bits: ClassVar[int | None]  # None: activations stay in the compute dtype (A16)
     group_size: ClassVar[int | None]  # of the shipped checkpoint (the estimate's default); None: per output row
+
+    # ------------------------------------------------------------------------------------------------- size model
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        # a user's checkpoint's quantization_config, else the method's (prequantized_layout)
+        return WeightFormat(self.name, compute_dtype, self.family, self.weight_bits, group_size=self.group_size)
+
+    def prequantized_layout(self, config, fmt: WeightFormat):
+        from qbench.methods import ct_sizing
+
+        return ct_sizing.layout(self, config, fmt.dtype_bytes)
+
+    def weight_transient(self, fmt: WeightFormat, largest: tuple[int, int], device: str) -> tuple[int, str]:
+        # qbench.methods.compressed_tensors dequantizes per call with compressed-tensors' decompressor (0.20, from its
+        # code): int4 unpacking makes a [out, in/2, 2] uint8 stack and the int8 values (n bytes each); dequantize
+        # casts them to the compute dtype and multiplies by the scales (two n * dtype tensors).
+        n = largest[0] * largest[1]
+        unpack = 2 * n if fmt.bits == 4 else 0
+        return unpack + 2 * n * fmt.dtype_bytes, "compressed-tensors dequantizes the weight per forward"
+
+    def stored_bytes(self, stored: int | None, kept: int) -> int | None:
+        # The load phase has always taken the config's stated dtype for these checkpoints (unlike gptq/awq/fp8,
+        # whose stored bytes are the quantized tensors); kept as it was.
+        return stored
 
     def config_problem(self, qc: dict) -> str | None:
         groups = _groups(qc)
@@ -131,21 +157,6 @@ class _CompressedTensors(Prequantized):
             and not matches(ignore, n, type(m).__name__)
             and not is_compressed(m)
         ]
-
-
-def matches(patterns, name: str, kind: str) -> bool:
-    """Whether a compressed-tensors ``targets``/``ignore`` list names the module ``name`` of class ``kind``: by class
-    name (``Linear``), by module name (``lm_head``, or a suffix of it after a dot), or by a ``re:`` regular
-    expression matched from the start of the name."""
-    import re
-
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], name):
-                return True
-        elif p in (kind, name) or name.endswith(f".{p}"):
-            return True
-    return False
 
 
 def quant_method_ok(qc: dict) -> bool:

@@ -2,7 +2,7 @@
 
 The format (int32 ``qweight`` packing the codes along the input, ``qzeros`` along the output, fp16 ``scales`` per
 group, ``g_idx``; v1 stores each zero point minus one) is spelled out, with an independent reference unpacker, in
-``tests/test_format_gptq.py``; its sizes, for the estimate, in :mod:`qbench.measure.prequantized`. Pre-quantized
+``tests/test_format_gptq.py``; its sizes, for the estimate, in :mod:`qbench.methods.prequantized_sizing`. Pre-quantized
 (:mod:`qbench.methods.prequantized`): ``--model glm-tiny`` loads the checkpoint qbench ships, made from glm-tiny by
 GPTQModel on the CPU (``nox -s gptq-checkpoint``; recipe, calibration data, versions and hashes in its
 ``PROVENANCE.json``).

@@ -39,6 +39,7 @@ from qbench.errors import UsageError
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT
 from qbench.methods.libraries import library_problem
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.methods.sizing import WeightFormat
 from qbench.models.loading import load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ MIN_VERSION = "0.2.8"
 GROUP_SIZE = 64
 # Grouping along the flattened rows: transformers' HqqConfig default (its fast backends need it), hqq's too.
 AXIS = 1
+# Peak bytes per weight of hqq 0.2.8 quantizing one linear on the CPU (fp32 working copies of its proximal solver):
+# measured 36.4 (8-bit) and 37.6 (4-bit) of peak RSS above a bf16 4096x2048 linear, rounded up
+# (qbench.measure.units re-exports it as HQQ_SOLVER_BYTES_PER_WEIGHT).
+SOLVER_BYTES_PER_WEIGHT = 38
 
 
 def transformers_problem() -> str | None:
@@ -142,6 +147,34 @@ class _Hqq(Method):
 
     def left_unquantized(self, model) -> list[str]:
         return list(self.targets(model))
+
+    # ------------------------------------------------------------------------------------------------- size model
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        return WeightFormat(self.name, compute_dtype, f"hqq-{self.bits}bit", self.bits, group_size=self.group_size)
+
+    def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+        return self.targets(model)  # the method's own choice, asked by its loading too
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        # HQQLinear: uint8 W_q (two 4-bit values a byte), scale+zero per group
+        n = out_features * in_features
+        return n * fmt.bits // 8, 2 * (n // fmt.group_size) * fmt.dtype_bytes
+
+    def weight_transient(self, fmt: WeightFormat, largest: tuple[int, int], device: str) -> tuple[int, str]:
+        # hqq 0.2.8's Quantizer.dequantize: the unpacked weight, (W - zero), times scale, each in the compute dtype;
+        # measured peak RSS over one forward of a 4096x2048 HQQLinear in bf16: 6.2 n (4-bit), 4.0 n bytes (8-bit).
+        n = largest[0] * largest[1]
+        copies = 3 if fmt.bits == 4 else 2
+        return copies * n * fmt.dtype_bytes, "hqq dequantizes the whole weight into the compute dtype per forward"
+
+    def load_extra(
+        self, fmt: WeightFormat, largest: int, kept: int, unquantized: int, converts: bool, device: str
+    ) -> tuple[int, int, str]:
+        # Loaded unquantized (as the ChatGLM methods are), then each linear replaced in turn while hqq's proximal
+        # solver works on fp32 copies of it (SOLVER_BYTES_PER_WEIGHT).
+        held = unquantized if device.startswith("cuda") or converts else kept
+        return held, SOLVER_BYTES_PER_WEIGHT * largest, "hqq loads the checkpoint unquantized, then quantizes"
 
 
 @register

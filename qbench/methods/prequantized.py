@@ -36,6 +36,7 @@ from typing import ClassVar
 from qbench.errors import UsageError
 from qbench.methods.libraries import library_problem
 from qbench.methods.registry import LoadRequest, Method, torch_dtype
+from qbench.methods.sizing import WeightFormat
 from qbench.models.loading import is_chatglm, load_causal_lm
 from qbench.models.zoo import DATA_DIR, ZOO
 
@@ -144,3 +145,23 @@ class Prequantized(Method):
 
     def prepare(self, model) -> None:
         """Called on the loaded model before it is measured (nothing by default)."""
+
+    # ------------------------------------------------------------------------------------------------- size model
+    # gptq, awq, fp8: the checkpoint's quantization_config fixes the layout (qbench.methods.prequantized_sizing).
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        from qbench.methods.prequantized_sizing import QUANT_METHODS
+
+        if self.family not in QUANT_METHODS:  # a layout prequantized_sizing does not know: no size model
+            return super().weight_format(compute_dtype, device)
+        return WeightFormat(self.name, compute_dtype, self.family)
+
+    def prequantized_layout(self, config, fmt: WeightFormat):
+        from qbench.methods import prequantized_sizing
+
+        # a config without its own: the recipe of the checkpoint qbench ships (gptq)
+        shipped = [quantization_config(self.shipped_root / f) for f in self.shipped.values()]
+        return prequantized_sizing.from_config(fmt.scheme, config, default=next(filter(None, shipped), None))
+
+    def stored_bytes(self, stored: int | None, kept: int) -> int | None:
+        return kept  # the checkpoint holds the quantized tensors as they load (no buffers)

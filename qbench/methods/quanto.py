@@ -24,11 +24,13 @@ from typing import ClassVar
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
 from qbench.methods.libraries import library_problem
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.methods.sizing import WeightFormat
 from qbench.models.loading import load_causal_lm
 
 MIN_VERSION = "0.2.7"
 # quanto's own choice of an int4 group size (optimum/quanto/nn/qmodule.py, QModuleMixin.__init__).
 INT4_GROUP_SIZES = (128, 96, 64, 32)
+QUANTO_LINEAR_BUFFERS = 2 * 4  # a quanto QLinear's input_scale and output_scale: 0-d fp32 each
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -75,6 +77,36 @@ class _Quanto(Method):
             and (type(m) is torch.nn.Linear or (isinstance(m, QModuleMixin) and not isinstance(m.weight, QTensor)))
         ]
 
+    # ------------------------------------------------------------------------------------------------- size model
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        from qbench.errors import UsageError
+
+        if (why := self.unavailable("cpu")) is not None:  # its quantizer decides which linears it takes
+            raise UsageError(f"--method {self.name}: {why}")
+        scheme = f"{self.family}-{self.weights}"
+        return WeightFormat(self.name, compute_dtype, scheme, self.bits, group_size=getattr(self, "group_size", None))
+
+    def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+        import torch
+        from optimum.quanto import QModuleMixin
+        from transformers.quantizers import AutoHfQuantizer
+
+        original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+        AutoHfQuantizer.from_config(self.config(), pre_quantized=False).preprocess_model(model, device_map=None)
+        kinds = (QModuleMixin,)
+        return {
+            n: (original[n].out_features, original[n].in_features)
+            for n, m in model.named_modules()
+            if isinstance(m, kinds) and n in original
+        }
+
+    # optimum-quanto: every QLinear also holds two 0-d fp32 buffers (input_scale, output_scale), counted here as
+    # side data of its weight so that a device-map proxy places them with it.
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        # int8, float8: WeightQBytesTensor: 8-bit data, scale per row
+        return out_features * in_features, out_features * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
+
 
 @register
 class Int8(_Quanto):
@@ -90,6 +122,15 @@ class Int4(_Quanto):
     description = "optimum-quanto int4 weights, asymmetric, groups of 128 (or quanto's fallback), compute in bf16"
     quality_bounds = FOUR_BIT
     weights, bits = "int4", 4
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        n = out_features * in_features
+        group = int4_group_size(in_features)
+        if group == 128 and fmt.compute_dtype == "bf16":  # tinygemm: [out, in/2] uint8, scale+shift [in/128, out, 2]
+            return n // 2, (in_features // group) * out_features * 2 * 2 + QUANTO_LINEAR_BUFFERS
+        # WeightQBitsTensor: rows of `group` values (or whole rows), two rows per byte row; scale and shift per row
+        rows, cols = (n // group, group) if group else (out_features, in_features)
+        return -(-rows // 2) * cols, 2 * rows * fmt.dtype_bytes + QUANTO_LINEAR_BUFFERS
 
 
 @register

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from qbench.case import DTYPES, torch_dtype  # noqa: F401  (re-exported: methods' own vocabulary)
 from qbench.errors import UsageError
+from qbench.methods.sizing import WeightFormat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -74,6 +75,74 @@ class Method:
     def left_unquantized(self, model: PreTrainedModel) -> list[str]:
         """Names of modules this method should have quantized but that are still plain full-precision ones."""
         return []
+
+    # ------------------------------------------------------------------------------------------------- size model
+    # What the pre-flight estimate (qbench.measure) asks of a method; the defaults are an unquantized model's, each
+    # family module overrides what is its own. Where a figure has a note, the hook returns (bytes, note).
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        """The layout of this method's weights in ``compute_dtype`` on ``device``, from its own settings."""
+        if not self.quantized:
+            return WeightFormat(self.name, compute_dtype, "none")
+        raise UsageError(
+            f"--method {self.name}: the estimate has no size model for the {self.family} family; "
+            "add one to qbench/measure/estimate.py"
+        )
+
+    def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+        """name → (out, in) of the linears of the meta ``model`` this method quantizes, decided as loading decides
+        it (it may replace modules in ``model``)."""
+        return {}
+
+    def prequantized_layout(self, config, fmt: WeightFormat):
+        """For a method that loads a pre-quantized checkpoint: the layout its quantization_config describes (an
+        object with ``quantized_linears(model)`` and ``module_bytes(module, out, in)``); None for every other."""
+        return None
+
+    def code_book_bytes(self, fmt: WeightFormat) -> int:
+        """Bytes of the lookup tables a model holds once (counted once, as ``weights_bytes`` does)."""
+        return 0
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        """(bytes of the quantized weight, bytes of its side data) for one ``[out, in]`` linear, code books aside."""
+        raise ValueError(f"{fmt.scheme} quantizes no linear")
+
+    def weight_transient(self, fmt: WeightFormat, largest: tuple[int, int], device: str) -> tuple[int, str]:
+        """A weight-sized temporary in a forward, for the largest quantized ``[out, in]`` linear: (bytes, why)."""
+        return 0, "none"
+
+    def linear_temporaries(self, fmt: WeightFormat, largest: tuple[int, int], tokens: int) -> int:
+        """Per-call temporaries of the largest quantized linear over ``tokens`` rows, beside the layer's own."""
+        return 0
+
+    def kernel_copy(
+        self, fmt: WeightFormat, quantized: dict[str, tuple[int, int]], device: str, scale_dtype: str
+    ) -> tuple[int, str]:
+        """Bytes of a second, kernel-ready copy of the quantized linears (``quantized``: name → (out, in)) a decode
+        kernel keeps beside them, with ``scale_dtype`` the dtype the scales are kept in: (bytes, why)."""
+        return 0, "none"
+
+    def runtime_extra_bytes(self, fmt: WeightFormat, device: str) -> int:
+        """What this method adds to the process baseline on ``device`` (a library's import and kernels)."""
+        return 0
+
+    def stored_bytes(self, stored: int | None, kept: int) -> int | None:
+        """Bytes of the checkpoint's tensors as stored: ``stored`` is the unquantized tensors in the dtype the config
+        states (None: not stated), ``kept`` the tensors as this method keeps them, buffers aside."""
+        return stored
+
+    def load_extra(
+        self, fmt: WeightFormat, largest: int, kept: int, unquantized: int, converts: bool, device: str
+    ) -> tuple[int, int, str]:
+        """What loading holds beside the overhead and the checkpoint pages: (the model held, the largest transient,
+        note). ``largest``: elements of the largest quantized linear; ``kept``: the model as the method keeps it;
+        ``unquantized``: the model in the compute dtype; ``converts``: the checkpoint is stored in another dtype."""
+        return kept, 0, "weights load as they are kept"
+
+    def loads_as_stored(self, fmt: WeightFormat, path_or_config) -> bool:
+        """Whether ``path_or_config`` is a checkpoint already in this method's format, read as stored (no
+        unquantized model while loading, scales in the checkpoint's dtype)."""
+        return False
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -31,6 +31,7 @@ from typing import ClassVar
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
 from qbench.methods.libraries import library_problem
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
+from qbench.methods.sizing import WeightFormat
 from qbench.models.loading import load_causal_lm
 
 MIN_VERSION = "0.18"
@@ -116,6 +117,34 @@ class _TorchAo(Method):
             and self.quantizes(m.out_features, m.in_features)
         ]
 
+    # ------------------------------------------------------------------------------------------------- size model
+
+    def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
+        from qbench.errors import UsageError
+
+        if (why := self.unavailable("cpu")) is not None:  # its quantizer decides which linears it takes
+            raise UsageError(f"--method {self.name}: {why}")
+        scheme = f"{self.family}-{self.weights}"
+        if scheme == "torchao-int4" and device.startswith("cuda"):
+            scheme = "torchao-int4-tinygemm"
+        return WeightFormat(self.name, compute_dtype, scheme, self.bits, group_size=self.group_size)
+
+    def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:
+        # the module stays an nn.Linear: ask the quantizer about each weight
+        import torch
+        from transformers.quantizers import AutoHfQuantizer
+
+        original = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+        device = "cuda" if fmt.scheme.endswith("-tinygemm") else "cpu"
+        quantizer = AutoHfQuantizer.from_config(self.config(device), pre_quantized=False)
+        quantizer.preprocess_model(model, device_map=None)
+        shapes = {n: (m.out_features, m.in_features) for n, m in original.items()}
+        return {
+            n: shape
+            for n, shape in shapes.items()
+            if quantizer.param_needs_quantization(model, f"{n}.weight") and self.quantizes(*shape)
+        }
+
 
 @register
 class Int8WeightOnly(_TorchAo):
@@ -128,6 +157,10 @@ class Int8WeightOnly(_TorchAo):
         from torchao.quantization import Int8WeightOnlyConfig
 
         return Int8WeightOnlyConfig(set_inductor_config=False)
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        # Int8Tensor: int8 data, fp32 scale and int8 zero point per row
+        return out_features * in_features, out_features * (4 + 1)
 
 
 @register
@@ -169,6 +202,14 @@ class Int4WeightOnly(_TorchAo):
             group_size=self.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
         )
 
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        if fmt.scheme == "torchao-int4-tinygemm":  # Int4TilePackedTo4dTensor pads in to 1024s, out to 8s; bf16 only
+            out_p, in_p = -(-out_features // 8) * 8, -(-in_features // 1024) * 1024
+            return out_p * in_p // 2, (in_p // fmt.group_size) * out_p * 2 * 2
+        # Int4OpaqueTensor: [out, in/2] uint8, scale+zero [in/group, out, 2]
+        n = out_features * in_features
+        return n // 2, (in_features // fmt.group_size) * out_features * 2 * fmt.dtype_bytes
+
 
 @register
 class Float8WeightOnly(_TorchAo):
@@ -181,3 +222,7 @@ class Float8WeightOnly(_TorchAo):
         from torchao.quantization import Float8WeightOnlyConfig
 
         return Float8WeightOnlyConfig()
+
+    def linear_bytes(self, fmt: WeightFormat, out_features: int, in_features: int) -> tuple[int, int]:
+        # Float8Tensor: e4m3 data, fp32 scale per row
+        return out_features * in_features, out_features * 4

@@ -39,7 +39,7 @@ def planted(monkeypatch):
 def test_a_method_defined_outside_qbench_gets_its_own_bytes(planted):
     """The planted method is registered here, in the test, with no edit to qbench/measure or qbench/run; the
     estimate's weights are its hook's (twice chatglm-int8's quantized bytes), and so is the peak. Before issue 22
-    item 2 the estimate refused it ("no size model for the planted family; add one to qbench/measure/estimate.py")."""
+    item 2 the estimate refused it ("no size model for the planted family")."""
     base = est.estimate("glm-tiny", "chatglm-int8", max_memory=0)
     mine = est.estimate("glm-tiny", planted, max_memory=0)
     assert mine["method"] == planted and mine["quantized_linears"] == base["quantized_linears"] > 0
@@ -81,3 +81,24 @@ def test_measure_and_run_never_branch_on_a_method_family_or_scheme_name():
     estimate.py on ``fmt.scheme``, prequantized.py on its layout's scheme (46 lines in all, checked on a copy of that
     tree)."""
     assert name_branches(ROOT) == []
+
+
+def test_a_quantizing_method_without_a_size_model_is_one_line_naming_the_fix(monkeypatch):
+    """A new quantizing method that does not say how it stores weights is refused with the hook to write, not sized
+    as if it were unquantized (which would make every estimate of it fit)."""
+    from qbench.errors import UsageError
+    from qbench.methods.reference import BF16
+
+    class NoSizeModel(BF16):
+        name = "planted-no-size-model"
+        family = "planted"
+        quantized = True
+        description = "a quantizing method with no size model (test only)"
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register(NoSizeModel)
+    with pytest.raises(UsageError) as e:
+        est.estimate("glm-tiny", NoSizeModel.name)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("--method planted-no-size-model: ")
+    assert "no size model for the planted family" in message and "weight_format" in message

@@ -86,7 +86,7 @@ class Method:
             return WeightFormat(self.name, compute_dtype, "none")
         raise UsageError(
             f"--method {self.name}: the estimate has no size model for the {self.family} family; "
-            "add one to qbench/measure/estimate.py"
+            "give its method class a weight_format and the size hooks of qbench.methods.registry.Method"
         )
 
     def quantized_linears(self, model, fmt: WeightFormat) -> dict[str, tuple[int, int]]:

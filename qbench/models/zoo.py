@@ -40,11 +40,15 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {}
 
 
+def _add(entry: ZooEntry) -> None:
+    if entry.name in ZOO:
+        raise ValueError(f"zoo entry {entry.name!r} registered twice")
+    ZOO[entry.name] = entry
+
+
 def _register(name: str, architecture: str, description: str):
     def deco(fn: Callable[[], Path]) -> Callable[[], Path]:
-        if name in ZOO:
-            raise ValueError(f"zoo entry {name!r} registered twice")
-        ZOO[name] = ZooEntry(name, architecture, description, fn)
+        _add(ZooEntry(name, architecture, description, fn))
         return fn
 
     return deco
@@ -172,9 +176,7 @@ def _glm4_moe_tiny_config():
 
 def _on_demand(name: str, architecture: str, description: str, config: Callable[[], object]) -> None:
     """Register a zoo model built from ``config`` with random weights (seed 0) the first time it is asked for."""
-    if name in ZOO:
-        raise ValueError(f"zoo entry {name!r} registered twice")
-    ZOO[name] = ZooEntry(name, architecture, description, lambda: _random_init(name, config()), config)
+    _add(ZooEntry(name, architecture, description, lambda: _random_init(name, config()), config))
 
 
 _on_demand(

@@ -101,9 +101,8 @@ DOORS = {
 def work(monkeypatch, tmp_path):
     """The work behind each door, faked: a case (in-process or served) records the lock files present while it
     "runs" and passes at once; loading any model fails the test. Returns the list of what each case saw."""
-    from qbench import env as qenv
     from qbench.models import loading
-    from qbench.run import config_doc, devices, endpoint, engine, measuring, reference
+    from qbench.run import devices, endpoint, engine, measuring, reference
     from qbench.run.outcome import case_fields
 
     seen: list[list[str]] = []
@@ -122,19 +121,14 @@ def work(monkeypatch, tmp_path):
         seen.append(locks())
         return {**case_fields(case), "status": "pass", "reasons": []}
 
-    def run_endpoint(cfg, ep, progress, on_case=None, update=False):
+    def served_case(self, case, progress):
         seen.append(locks())
-        doc = {"schema": "qbench.results/1", "env": qenv.collect("cpu"), "wall_s": 0.0}
-        doc["config"] = {**config_doc(cfg), "methods": ["endpoint"]}
-        doc["cases"] = [{"id": "glm-tiny-endpoint", "model": "glm-tiny", "method": "endpoint", "device": "cpu"}]
-        doc["cases"][0].update(status="pass", reasons=[])
-        if on_case:
-            on_case(doc)
-        return doc
+        return {"id": case.id, "model": case.model, "method": "endpoint", "status": "pass", "reasons": []}
 
     monkeypatch.setattr(engine, "score_reference", lambda ctx, cfg, progress: None)
     monkeypatch.setattr(engine, "execute_case", execute_case)
-    monkeypatch.setattr(endpoint, "run_endpoint", run_endpoint)
+    monkeypatch.setattr(endpoint.ServedCases, "check", lambda self, cases: None)  # no stored reference needed
+    monkeypatch.setattr(endpoint.ServedCases, "execute", served_case)
     monkeypatch.setenv("QBENCH_BASELINES", str(tmp_path / "baselines"))  # none stored: nothing refused
     return seen
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from qbench.models.zoo import EVAL_TEXT, PROMPTS
 from qbench.run.config import RunConfig, config_doc
 from qbench.run.workload import Workload
+from qbench.serve.settings import EndpointConfig
 
 
 def _unusual_config(tmp_path: Path) -> RunConfig:
@@ -46,6 +47,20 @@ def _unusual_config(tmp_path: Path) -> RunConfig:
         reference_cache=tmp_path / "cache",
         reuse_reference=True,
         method_notes=["--method all: left out hqq-4bit (hqq is not installed)"],
+        endpoint=EndpointConfig(
+            url="http://127.0.0.1:8000",
+            served_model="glm",
+            expect="4bit",
+            concurrency=(1, 8),
+            requests=8,
+            request_timeout_s=5.0,
+            retries=0,
+            served_device="cuda-sm90",
+            logprobs=4,
+            speed_only=True,
+            engine_drift="fp32",
+            engine="vllm/0.9",
+        ),
     )
 
 
@@ -58,6 +73,7 @@ def test_round_trip_of_a_config_with_no_default(tmp_path):
     assert back == cfg
     assert isinstance(back.baselines, Path) and isinstance(back.reference_cache, Path)
     assert isinstance(back.workload.eval_text, Path) and back.workload.contexts == (32, 64)
+    assert back.endpoint.concurrency == (1, 8) and doc["endpoint"]["concurrency"] == [1, 8]
     doc["models"].append("another")  # the document owns its lists
     assert cfg.models == ["glm-tiny", "chatglm-tiny"]
 

@@ -28,16 +28,12 @@ from qbench.models import zoo
 from qbench.quality.drift import DriftAccumulator, build_reference, iter_logprobs
 from qbench.quality.served import lumped_kld, served_drift
 from qbench.run.config import RunConfig
-from qbench.run.endpoint import (
-    VLLM_TOKENS_FIX,
-    EndpointConfig,
-    endpoint_reason,
-    engine_label,
-    greedy_ids,
-    prompt_logprobs,
-    run_endpoint,
-)
+from qbench.run.endpoint import engine_label, prompt_logprobs
+from qbench.run.engine import run_cases
 from qbench.serve.client import Client, EndpointError, normalize_url
+from qbench.serve.faults import VLLM_TOKENS_FIX, endpoint_reason
+from qbench.serve.protocol import greedy_ids
+from qbench.serve.settings import EndpointConfig
 
 NAME = "glm-tiny"
 KEY = "sk-test-do-not-leak-4711"
@@ -303,7 +299,12 @@ def baselines(tmp_path):
 
 def run(url: str, baselines, **kw) -> dict:
     ep = EndpointConfig(url=url, concurrency=(1, 2), requests=2, request_timeout_s=kw.pop("timeout", 30.0), **kw)
-    return run_endpoint(RunConfig(models=[NAME], baselines=baselines), ep)["cases"][0]
+    return run_cases(served_config(baselines, ep))["cases"][0]
+
+
+def served_config(baselines, ep: EndpointConfig, update: bool = False) -> RunConfig:
+    """A run of the served case (what ``qbench run --endpoint`` makes): the engine runs it like any other."""
+    return RunConfig(models=[NAME], methods=["endpoint"], endpoint=ep, baselines=baselines, update_baselines=update)
 
 
 # -- the bound -----------------------------------------------------------------------------------------------------
@@ -535,13 +536,12 @@ def test_perturbed_logprobs_are_drift(fake, server, baselines):
 
 def test_slower_server_is_a_perf_regression(fake, server, baselines):
     """A perf baseline keyed by engine + version + device, then a server 40 ms/token slower: regression."""
-    cfg = RunConfig(models=[NAME], baselines=baselines)
     ep = EndpointConfig(url=server[1], concurrency=(1,), requests=2, speed_only=True)
-    first = run_endpoint(cfg, ep, update=True)["cases"][0]
+    first = run_cases(served_config(baselines, ep, update=True))["cases"][0]
     assert first["baseline"]["perf_updated"] and "fakellm-0.1-" in first["baseline"]["perf_path"]
     assert first["status"] == "pass" and "drift not measured" in first["baseline"]["note"]
     fake.fault = "slow"
-    case = run_endpoint(cfg, ep)["cases"][0]
+    case = run_cases(served_config(baselines, ep))["cases"][0]
     assert case["status"] == "regression", case["reasons"]
     slower = [r for r in case["reasons"] if "output tok/s at concurrency 1" in r]
     assert slower, case["reasons"]
@@ -896,3 +896,27 @@ def test_in_process_and_served_cases_sit_side_by_side(fake, server, baselines, t
     assert main(["report", str(out)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if NAME in line]
     assert any("fp32" in r for r in rows) and any("endpoint" in r for r in rows), rows
+
+
+def test_a_served_run_resumes_like_any_run(fake, server, baselines, tmp_path, capsys):
+    """The served model is a case of the engine's loop: --resume keeps its finished case (no request sent again) and
+    reruns one that ended in error; progress, the table and the serving lines come from the same code as any run.
+    (Planted: the served door with a loop of its own ignored --resume and sent every request again; this failed.)"""
+    out = tmp_path / "served.json"
+    args = ["run", "--endpoint", server[1], "--model", NAME, "--baselines", str(baselines), "--json", str(out)]
+    args += ["--concurrency", "1", "--requests", "2"]
+    fake.fault = "http503"
+    assert main(args) == 1
+    first = json.loads(out.read_text())["cases"]
+    assert [c["status"] for c in first] == ["error"], first
+    fake.fault = None
+    assert main([*args, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"{NAME}-endpoint: rerunning: it ended in error last time" in captured.err
+    assert f"{NAME}-endpoint concurrency 1: TTFT p50" in captured.out  # the table's serving lines
+    sent = fake.requests
+    assert main([*args, "--resume"]) == 0
+    assert f"{NAME}-endpoint: kept from the earlier run (pass)" in capsys.readouterr().err
+    assert fake.requests == sent, "a kept served case sends nothing"
+    cases = json.loads(out.read_text())["cases"]
+    assert [(c["id"], c["status"]) for c in cases] == [(f"{NAME}-endpoint", "pass")]

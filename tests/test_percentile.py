@@ -7,8 +7,8 @@ import statistics
 import numpy as np
 import pytest
 
+from qbench.measure.serving import _stats
 from qbench.measure.timing import percentile
-from qbench.run.endpoint import _stats
 
 SAMPLES = [7.0, 1.0, 3.0, 10.0, 2.0, 4.0, 9.0, 5.0, 8.0, 6.0, 12.5]
 

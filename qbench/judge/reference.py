@@ -42,6 +42,8 @@ def save(directory: Path, ref: Reference, greedy: list[list[int]], fingerprints:
         "target_logp": ref.target_logp.float().contiguous(),
         "targets": ref.targets.to(id_dtype).contiguous(),
     }
+    if ref.routing is not None:  # a MoE model's expert choices (qbench.quality.routing)
+        tensors["routing"] = ref.routing.to(torch.int16).contiguous()
     tmp = directory / f".{TENSORS}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / TENSORS)
@@ -53,6 +55,7 @@ def save(directory: Path, ref: Reference, greedy: list[list[int]], fingerprints:
             "k": ref.topk_ids.shape[1],
             "positions": ref.positions,
             "greedy": greedy,
+            **({"routing_layers": ref.routing_layers} if ref.routing is not None else {}),
             "bytes": (directory / TENSORS).stat().st_size,
         },
     )
@@ -90,4 +93,6 @@ def load(directory: Path, fingerprints: dict) -> tuple[Reference, list[list[int]
     if bad:
         raise UsageError(f"{tensor_path}: tensors of the wrong shape: {'; '.join(bad)}; {fix}")
     ref = Reference(t["topk_ids"].long(), t["topk_logp"], t["rest_logp"], t["target_logp"], t["targets"].long())
+    if "routing" in t:
+        ref.routing, ref.routing_layers = t["routing"], meta.get("routing_layers")
     return ref, meta["greedy"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from qbench.case import DRIFT, ERROR, FAILING, PASS, REGRESSION, SKIPPED, Bound  # noqa: F401  (re-exported)
 from qbench.judge.tolerances import GREEDY_TIE_MARGIN, REGRESSION_TOLERANCES
+from qbench.models.completeness import reasons as completeness_reasons
 
 # Fingerprints that must match for a comparison to mean anything. Library versions are recorded but not
 # compared: a change of library is exactly what the gate exists to judge.
@@ -51,16 +52,53 @@ def integrity_gate(checks: dict, quantized: bool, label: str) -> list[str]:
     reasons = []
     left = checks.get("left_unquantized") or []
     if quantized and left:
-        reasons.append(f"quantization did not take effect on {len(left)} module(s) for {label}: {', '.join(left[:3])}")
+        reasons += left_reasons(checks, label)
+    if router := checks.get("router_not_fp32"):
+        stored = sorted(set(router.values()))
+        reasons.append(
+            f"the MoE router is not kept in fp32 for {label}: {_few(list(router))} in {', '.join(stored)}; GLM-4.5's "
+            "router weight and e_score_correction_bias must stay fp32 (a bf16 bias changed the top-8 experts of 98.5% "
+            "of tokens in one engine's GLM port, sglang PR#37133); fix: keep the router modules out of quantization "
+            "(the method's skip list / the checkpoint's quantization_config ignore list) and in fp32"
+        )
     if not checks.get("lm_head_full_precision", True):
         reasons.append(f"lm_head is quantized ({checks['lm_head']}) for {label}; it must stay in full precision")
     if checks.get("observed_dtype") != checks.get("expected_dtype"):
         reasons.append(
             f"{label} computes in {checks.get('observed_dtype')} but the case declares {checks.get('expected_dtype')}"
         )
+    # a pre-quantized checkpoint against its reference: a missing MTP layer, router or experts, modules quantized
+    # where the reference keeps them (qbench.models.completeness)
+    reasons += completeness_reasons(checks.get("completeness") or {}, label)
     for i, why in (checks.get("degenerate") or {}).items():
         reasons.append(f"degenerate output for prompt {i} ({why}) for {label}; the reference's is not")
     return reasons
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def left_reasons(checks: dict, label: str) -> list[str]:
+    """What a quantizing method left in full precision, one reason per role (results from before the roles were
+    recorded: one line naming the modules)."""
+    left = checks.get("left_unquantized") or []
+    by_role = checks.get("left_by_role")
+    if not by_role:
+        return [f"quantization did not take effect on {len(left)} module(s) for {label}: {', '.join(left[:3])}"]
+    who = f" by {checks['quantizer']}" if checks.get("quantizer") else ""
+    out = []
+    for role, row in by_role.items():
+        fix = (checks.get("experts_fix") if role == "routed_experts" else None) or (
+            "check the method's skip list and that the library supports these modules"
+        )
+        out.append(
+            f"quantization did not take effect on {len(row['tensors'])} {role} tensor(s) for {label}: "
+            f"{_few(row['tensors'])}, left in {', '.join(row['formats'])}{who}: {row['share']:.1%} of the model's "
+            f"weight bytes; fix: {fix}"
+        )
+    return out
 
 
 def fingerprint_mismatches(current: dict, stored: dict) -> list[str]:

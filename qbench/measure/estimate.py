@@ -132,12 +132,14 @@ from qbench.measure.weights import (  # noqa: F401
     WeightFormat,
     WeightTable,
     code_book_bytes,
+    left_full_precision,
     load_config,
     meta_model,
     quantized_linear_bytes,
     weight_format,
     weight_table,
 )
+from qbench.models.roles import decoder_layers
 
 SCHEMA = "qbench.estimate/1"
 DEFAULT_CONTEXT, DEFAULT_BATCH, DEFAULT_NEW_TOKENS = 128, 1, 32  # qbench.run.workload.Workload's defaults
@@ -262,6 +264,8 @@ def estimate(
             "full_precision_params": sum(t.nbytes for t in tensors if t.kind == "param"),
             "buffers": sum(t.nbytes for t in tensors if t.kind == "buffer"),
         },
+        "roles": table.by_role(decoder_layers(config)),
+        "left_full_precision": left_full_precision(methods.get(method), fmt, table, decoder_layers(config)),
         "kv_cache_bytes": kv,
         "activation_bytes": act,
         "weight_transient_bytes": transient,

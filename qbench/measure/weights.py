@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from qbench.errors import UsageError
 from qbench.methods.bnb import BNB_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # noqa: F401  (re-exported: their old home)
 from qbench.methods.quanto import QUANTO_LINEAR_BUFFERS  # noqa: F401  (re-exported: its old home)
 from qbench.methods.sizing import DTYPE_BYTES, WeightFormat  # noqa: F401  (re-exported: their old home)
+from qbench.models.roles import QUANTIZABLE, decoder_layers, role_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -133,6 +134,8 @@ class TensorBytes:
     kind: str  # quantized | param | buffer
     side_bytes: int = 0  # of nbytes: block scales, code books, row scales
     numel: int = 0  # elements of the unquantized tensor
+    shape: tuple[int, ...] = ()  # of the unquantized tensor
+    storage: str = ""  # how it is stored: the method's scheme for a quantized weight, else its dtype ("bfloat16")
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,36 @@ class WeightTable:
 
     tensors: list[TensorBytes]
     quantized: dict[str, tuple[int, int]]  # module name → (out, in)
+    # fused 3-D expert parameters the method quantizes as a whole: name → (experts × out, in)
+    fused: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
     def largest_quantized(self) -> tuple[int, int] | None:
-        return max(self.quantized.values(), key=lambda oi: oi[0] * oi[1]) if self.quantized else None
+        shapes = [*self.quantized.values(), *self.fused.values()]
+        return max(shapes, key=lambda oi: oi[0] * oi[1]) if shapes else None
+
+    def by_role(self, layers: int | None) -> dict[str, dict]:
+        """Bytes per role (qbench.models.roles) and how each role is stored: {role: {"bytes", "tensors", "formats":
+        {storage: bytes}}}, as :func:`qbench.measure.footprint.bytes_by_role` reports them for the loaded model."""
+        from qbench.models.roles import ROLES, role_of
+
+        out: dict[str, dict] = {}
+        for t in self.tensors:
+            row = out.setdefault(role_of(t.name, layers), {"bytes": 0, "tensors": 0, "formats": {}})
+            row["bytes"] += t.nbytes
+            row["tensors"] += 1
+            row["formats"][t.storage] = row["formats"].get(t.storage, 0) + t.nbytes
+        return {r: out[r] for r in ROLES if r in out}
+
+    def fused_full_precision(self, layers: int | None) -> list[TensorBytes]:
+        """The fused 3-D expert parameters left in full precision (no method quantizes them in these versions)."""
+        from qbench.models.roles import QUANTIZABLE, role_of
+
+        fused = [t for t in self.tensors if t.kind == "param" and len(t.shape) == 3]
+        return [t for t in fused if role_of(t.name, layers) in QUANTIZABLE]
 
 
 def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
@@ -158,24 +184,71 @@ def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
     prequantized = _prequantized(config, fmt)  # gptq/awq/fp8: the layout the checkpoint's quantization_config says
     # _quantized_linears may replace modules in `model`; `tensors` keeps the originals
     quantized = prequantized.quantized_linears(model) if prequantized else _quantized_linears(model, fmt)
-    out, books = [], code_book_bytes(fmt)
+    out, books, fused = [], code_book_bytes(fmt), {}
+    layers = decoder_layers(config)
+    fuses = _size_model(fmt).quantizes_fused_experts(fmt)
     for name, t, kind in tensors:
         module, _, leaf = name.rpartition(".")
+        shape = tuple(t.shape)
         if module in quantized and leaf == "weight" and prequantized is not None:
             data, side = prequantized.module_bytes(module, *quantized[module])
-            out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
+            out.append(TensorBytes(name, data + side, "quantized", side, t.numel(), shape, fmt.scheme))
         elif module in quantized and leaf == "weight":
             data, side = quantized_linear_bytes(fmt, *quantized[module])
             side, books = side + books, 0  # the code books go with the first quantized linear
-            out.append(TensorBytes(name, data + side, "quantized", side, t.numel()))
+            out.append(TensorBytes(name, data + side, "quantized", side, t.numel(), shape, fmt.scheme))
+        elif fuses and kind == "param" and t.dim() == 3 and role_of(name, layers) in QUANTIZABLE:
+            # a fused expert tensor quantized whole (bitsandbytes' parametrization): one [experts x out, in] matrix
+            fused[name] = (shape[0] * shape[1], shape[2])
+            data, side = quantized_linear_bytes(fmt, *fused[name])
+            out.append(TensorBytes(name, data + side, "quantized", side, t.numel(), shape, fmt.scheme))
         elif kind == "param" and t.is_floating_point():
             # In the compute dtype, except what the model class keeps in fp32 whatever the dtype (its
             # _keep_in_fp32_modules_strict: GLM-4.5's router weight), which the meta model already has in fp32.
             size = max(fmt.dtype_bytes, t.element_size())
-            out.append(TensorBytes(name, t.numel() * size, kind, 0, t.numel()))
+            dtype = _dtype_name(fmt.compute_dtype) if size == fmt.dtype_bytes else _dtype_name(t.dtype)
+            out.append(TensorBytes(name, t.numel() * size, kind, 0, t.numel(), shape, dtype))
         else:
-            out.append(TensorBytes(name, t.numel() * t.element_size(), kind, 0, t.numel()))
-    return WeightTable(out, quantized)
+            out.append(TensorBytes(name, t.numel() * t.element_size(), kind, 0, t.numel(), shape, _dtype_name(t.dtype)))
+    return WeightTable(out, quantized, fused)
+
+
+def left_full_precision(method, fmt: WeightFormat, table: WeightTable, layers: int | None) -> dict[str, dict]:
+    """For a quantizing ``method``: the fused expert parameters it leaves in full precision, per role, with the bytes
+    they would take in ``fmt`` (each expert's matrix as one ``[out, in]`` linear) and so what leaving them costs:
+    {role: {"tensors", "bytes", "quantized_bytes", "costs_bytes"}} (the last two None where ``fmt`` has no linear
+    size, e.g. a pre-quantized checkpoint's layout)."""
+    from qbench.models.roles import role_of
+
+    if not method.quantized:
+        return {}
+    out: dict[str, dict] = {}
+    for t in table.fused_full_precision(layers):
+        row = out.setdefault(role_of(t.name, layers), {"tensors": [], "bytes": 0, "quantized_bytes": 0})
+        row["tensors"].append(t.name)
+        row["bytes"] += t.nbytes
+        experts, rows, cols = t.shape
+        try:
+            data, side = quantized_linear_bytes(fmt, rows, cols)
+        except (ValueError, NotImplementedError):
+            row["quantized_bytes"] = None
+        else:
+            if row["quantized_bytes"] is not None:
+                row["quantized_bytes"] += experts * (data + side)
+    for row in out.values():
+        q = row["quantized_bytes"]
+        row["costs_bytes"] = None if q is None else row["bytes"] - q
+        row["fix"] = method.experts_fix()
+    return out
+
+
+def _dtype_name(dtype) -> str:
+    """``bfloat16`` for torch.bfloat16 or "bf16": the name a loaded tensor's dtype has (footprint.storage_format)."""
+    from qbench import methods
+
+    if isinstance(dtype, str) and dtype in ("bf16", "fp16", "fp32"):
+        dtype = methods.torch_dtype(dtype)
+    return str(dtype).removeprefix("torch.")
 
 
 def _prequantized(config: PretrainedConfig, fmt: WeightFormat):

@@ -21,6 +21,7 @@ CPU_IMPORT_BYTES = 50 * 2**20
 
 class _Bnb(Method):
     family = "bitsandbytes"
+    distribution = "bitsandbytes"
 
     def config(self, compute_dtype):
         raise NotImplementedError
@@ -94,7 +95,40 @@ class _Bnb4bit(_Bnb):
         model = super().load(req)
         if req.device == "cpu" or req.device.startswith("cpu:"):
             self.check_cpu_shapes(model)
+        self.quantize_fused_experts(model)
         return model
+
+    def quantize_fused_experts(self, model) -> list[str]:
+        """Quantize a MoE model's fused 3-D expert parameters (transformers 5 stores a layer's routed experts as
+        ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], not as Linear modules, so
+        BitsAndBytesConfig leaves them in the compute dtype) with bitsandbytes' own way for a parameter outside
+        ``nn.Linear``: ``bitsandbytes.nn.parametrize.replace_parameter_4bit`` (bitsandbytes >= 0.48; "experimental"
+        in its docstring), the same quant type, block size and double quantization as the linears. The parameter
+        becomes packed 4-bit data (``parametrizations.<name>.original``) dequantized whenever the experts read it.
+        Returns the names quantized."""
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+        from qbench.models.roles import QUANTIZABLE, decoder_layers, role_of
+
+        layers = decoder_layers(model.config)
+        done = []
+        for module_name, module in model.named_modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                full = f"{module_name}.{name}"
+                fused = p.dim() == 3 and p.is_floating_point() and p.device.type != "meta"
+                if fused and role_of(full, layers) in QUANTIZABLE:
+                    replace_parameter_4bit(
+                        module,
+                        name,
+                        compress_statistics=self.double_quant,
+                        quant_type=self.quant_type,
+                        blocksize=BNB_BLOCKSIZE,
+                    )
+                    done.append(full)
+        return done
+
+    def quantizes_fused_experts(self, fmt: WeightFormat) -> bool:
+        return True
 
     def check_cpu_shapes(self, model) -> None:
         """Refuse, naming the layers, a model with linears the CPU kernel cannot tile (a MoE's narrow experts:
@@ -175,6 +209,10 @@ class Int8(_Bnb):
     name = "bnb-int8"
     description = "bitsandbytes LLM.int8(): row-wise int8 with fp16 outlier columns (threshold 6.0)"
     quality_bounds = EIGHT_BIT
+    experts_why = (
+        "bitsandbytes quantizes a parameter outside nn.Linear in 4 bits only (bitsandbytes.nn.parametrize."
+        "replace_parameter_4bit, which bnb-nf4, bnb-nf4-dq and bnb-fp4 use); there is no 8-bit counterpart"
+    )
 
     def config(self, compute_dtype):
         from transformers import BitsAndBytesConfig

@@ -46,6 +46,7 @@ def quantize_model(model: nn.Module, bits: int) -> list[str]:
 
 class _ChatGLM(Method):
     family = "chatglm"
+    distribution = "qbench"
     bits: int
 
     def load(self, req: LoadRequest):

@@ -63,6 +63,12 @@ def describe(qc: dict) -> str:
 
 class _CompressedTensors(Prequantized):
     family = "compressed-tensors"
+    # transformers 5.25 dequantizes each expert's linears (CompressedTensorsDequantize) before stacking them into the
+    # fused parameters (conversion_mapping: glm4_moe as qwen2_moe), so they load in the compute dtype.
+    experts_why = (
+        "transformers dequantizes a compressed-tensors checkpoint's expert linears to the compute dtype while it "
+        "stacks them into the fused expert parameters (a served engine such as vLLM keeps them quantized)"
+    )
     quant_methods = (QUANT_METHOD,)
     checkpoint_kind: ClassVar[str]
     library = ("compressed_tensors", "compressed-tensors", MIN_VERSION, "ct")

@@ -73,6 +73,11 @@ class CTLayout:
         zeros = 0 if self.symmetric else out_features * groups
         return out_features * in_features, scales + zeros
 
+    def shard_blocks(self) -> tuple[int, int] | None:
+        """(rows, columns) per block a tensor-parallel split must keep whole (Method.shard_blocks): the group along
+        the input (``channel``: one scale per row, no block)."""
+        return None if self.group_size is None else (1, self.group_size)
+
 
 def layout(method, config, dtype_bytes: int, where: str = "the model") -> CTLayout:
     """The :class:`CTLayout` of ``config``'s compressed-tensors quantization_config for ``method`` (a

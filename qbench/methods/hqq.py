@@ -76,6 +76,8 @@ def transformers_problem() -> str | None:
 
 class _Hqq(Method):
     family = "hqq"
+    distribution = "hqq"
+    experts_why = "hqq quantizes nn.Linear modules (HQQLinear) only"
     bits: ClassVar[int]
     group_size: ClassVar[int] = GROUP_SIZE
 
@@ -149,6 +151,10 @@ class _Hqq(Method):
         return list(self.targets(model))
 
     # ------------------------------------------------------------------------------------------------- size model
+
+    def shard_blocks(self, fmt: WeightFormat, config) -> tuple[int, int] | None:
+        # axis 1: groups of group_size consecutive weights of the flattened rows, i.e. along the input dim
+        return 1, fmt.group_size
 
     def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
         return WeightFormat(self.name, compute_dtype, f"hqq-{self.bits}bit", self.bits, group_size=self.group_size)

@@ -78,6 +78,15 @@ class Prequantized(Method):
         """Why the library cannot run this format on ``device`` (None: it can)."""
         return None
 
+    def responsible(self) -> str:
+        """The checkpoint's library (its ``library``), through transformers."""
+        if self.library is not None and self.distribution is None:
+            from qbench.env import distribution_version
+
+            version = distribution_version(self.library[1]) or "(not installed)"
+            return f"{self.library[1]} {version} through " + super().responsible()
+        return super().responsible()
+
     # ------------------------------------------------------------------------------------------ which checkpoint
 
     def shipped_checkpoint(self, path: Path) -> Path | None:
@@ -100,6 +109,9 @@ class Prequantized(Method):
         if quantization_config(path) is None and (shipped := self.shipped_checkpoint(path)) is not None:
             return shipped
         return Path(path)
+
+    def stored_checkpoint(self, path: Path) -> Path | None:
+        return self.checkpoint_for(path)
 
     def config_problem(self, qc: dict) -> str | None:
         """Why this method does not read a checkpoint with quantization_config ``qc`` (one line with the fix)."""

@@ -111,6 +111,15 @@ class Prequantized:
             return qweight, groups * -(-out_features // per_word) * word + groups * out_features * SCALE_BYTES
         raise ValueError(f"{self.scheme}: not a pre-quantized scheme")
 
+    def shard_blocks(self) -> tuple[int, int] | None:
+        """(rows, columns) per block a tensor-parallel split must keep whole (Method.shard_blocks): FP8's
+        weight_block_size; GPTQ/AWQ: the int32 packing along the output (32 / bits rows) and the group along the
+        input, vLLM's own checks ("The output/input size is not aligned with the quantized weight shape", gptq.py and
+        awq.py create_weights)."""
+        if self.scheme == "fp8":
+            return self.block_size
+        return PACK_BITS // self.bits, self.group_size or 1
+
 
 QUANT_METHODS = {"gptq": ("gptq",), "awq": ("awq",), "fp8": ("fp8",)}
 

@@ -15,10 +15,19 @@ keeps two 0-d fp32 buffers (``input_scale``, ``output_scale``; unused without ac
   quanto compiles on first use (ninja and a C++ compiler; about 3 minutes on 2 cores, cached in site-packages).
 
 optimum-quanto declares itself pre-alpha; transformers 5.24 wires weights-only quantization through it.
+
+Under ``torch.inference_mode`` (qbench's scoring and timing) a ``QLinear`` whose int4 weight is quanto's own packed
+``WeightQBitsTensor`` (not the tinygemm one) fails: quanto's linear calls ``weight.t()``, which that tensor has no
+implementation of, so it dequantizes and transposes the copy, and autograd's view tracking then cannot give that
+inference tensor the weight's version counter (``RuntimeError: Cannot set version_counter for inference tensor``;
+optimum-quanto 0.2.7, upstream issue huggingface/optimum-quanto#304, closed unfixed). :func:`inference_mode_safe`
+makes those linears run their forward outside inference mode (still without grad); nothing else changes.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import ClassVar
 
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
@@ -40,8 +49,43 @@ def int4_group_size(in_features: int) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
 
 
+@functools.cache
+def _inference_mode_safe_qlinear():
+    """A ``QLinear`` whose forward leaves ``torch.inference_mode`` (keeping grad off) for the duration of the call."""
+    import torch
+    from optimum.quanto import QLinear
+
+    class InferenceModeSafeQLinear(QLinear):
+        def forward(self, input):
+            if not torch.is_inference_mode_enabled():
+                return super().forward(input)
+            with torch.inference_mode(False), torch.no_grad():
+                return super().forward(input)
+
+    return InferenceModeSafeQLinear
+
+
+def inference_mode_safe(model) -> list[str]:
+    """Make the ``QLinear`` modules of ``model`` whose weight is quanto's packed ``WeightQBitsTensor`` run under
+    ``torch.inference_mode`` (see the module's docstring); returns their names. The tinygemm int4, int8 and float8
+    weights work under inference mode and are left alone."""
+    from optimum.quanto import QLinear, WeightQBitsTensor
+
+    safe = _inference_mode_safe_qlinear()
+    changed = []
+    for name, module in model.named_modules():
+        if type(module) is QLinear and type(module.weight) is WeightQBitsTensor:
+            module.__class__ = safe
+            if hasattr(module, "_old_forward"):  # an accelerate hook kept the old bound forward: call the new one
+                module._old_forward = types.MethodType(safe.forward, module)
+            changed.append(name)
+    return changed
+
+
 class _Quanto(Method):
     family = "quanto"
+    distribution = "optimum-quanto"
+    experts_why = "optimum-quanto quantizes nn.Linear, Conv2d and LayerNorm modules only"
     weights: ClassVar[str]  # QuantoConfig's weights: int8 | int4 | float8
     bits: ClassVar[int]
 
@@ -56,7 +100,9 @@ class _Quanto(Method):
 
     def load(self, req: LoadRequest):
         dtype = torch_dtype(req.compute_dtype)
-        return load_causal_lm(req.path, req.device, dtype, quantization_config=self.config(), **req.load_kwargs())
+        model = load_causal_lm(req.path, req.device, dtype, quantization_config=self.config(), **req.load_kwargs())
+        inference_mode_safe(model)
+        return model
 
     def quantized_modules(self, model) -> list[str]:
         from optimum.quanto import QModuleMixin, QTensor

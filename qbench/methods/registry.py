@@ -43,6 +43,9 @@ class Method:
     default_compute_dtype: ClassVar[str] = "bf16"
     # Absolute quality bounds against the full-precision reference (qbench.case.Bound), with provenance.
     quality_bounds: ClassVar[tuple] = ()
+    # The distribution whose code quantizes the weights (pip's name), named with its version in a verdict's reason
+    # when a weight it is meant to quantize stays in full precision; None: transformers' own (or qbench's) code.
+    distribution: ClassVar[str | None] = None
 
     def load(self, req: LoadRequest) -> PreTrainedModel:
         raise NotImplementedError
@@ -68,6 +71,11 @@ class Method:
             )
         return None
 
+    def stored_checkpoint(self, path: Path) -> Path | None:
+        """For a method that loads a pre-quantized checkpoint: the one a case on ``--model path`` loads (compared with
+        its reference's tensor names, qbench.models.completeness); None for a method that quantizes as it loads."""
+        return None
+
     def quantized_modules(self, model: PreTrainedModel) -> list[str]:
         """Names of the modules this method replaced with quantized ones (empty for references)."""
         return []
@@ -75,6 +83,26 @@ class Method:
     def left_unquantized(self, model: PreTrainedModel) -> list[str]:
         """Names of modules this method should have quantized but that are still plain full-precision ones."""
         return []
+
+    def responsible(self) -> str:
+        """Whose code quantized (or failed to quantize) the weights, with versions: ``bitsandbytes 0.50.2 through
+        transformers 5.25.0``."""
+        from qbench.env import distribution_version
+
+        who = [f"{d} {distribution_version(d) or '(not installed)'}" for d in (self.distribution, "transformers") if d]
+        return " through ".join(who)
+
+    # The fix a verdict names when this method leaves a MoE model's routed experts (transformers' fused 3-D expert
+    # parameters) in full precision: first what to do, then why this library does not (each family says its own).
+    EXPERTS_FIX: ClassVar[str] = (
+        "use a method that quantizes fused 3-D expert parameters (`qbench methods --model MODEL` lists them) or a "
+        "checkpoint whose experts are stored quantized"
+    )
+    experts_why: ClassVar[str] = "qbench knows of no way this library quantizes them"
+
+    def experts_fix(self) -> str:
+        """The fix, and why this library leaves the fused experts (with the versions of :meth:`responsible`)."""
+        return f"{self.EXPERTS_FIX} ({self.responsible()}: {self.experts_why})"
 
     # ------------------------------------------------------------------------------------------------- size model
     # What the pre-flight estimate (qbench.measure) asks of a method; the defaults are an unquantized model's, each
@@ -93,6 +121,11 @@ class Method:
         """name → (out, in) of the linears of the meta ``model`` this method quantizes, decided as loading decides
         it (it may replace modules in ``model``)."""
         return {}
+
+    def quantizes_fused_experts(self, fmt: WeightFormat) -> bool:
+        """Whether this method also quantizes a MoE model's fused 3-D expert parameters (each expert's matrix sized
+        as one ``[out, in]`` linear by :meth:`linear_bytes`); by default only what :meth:`quantized_linears` says."""
+        return False
 
     def prequantized_layout(self, config, fmt: WeightFormat):
         """For a method that loads a pre-quantized checkpoint: the layout its quantization_config describes (an
@@ -143,6 +176,15 @@ class Method:
         """Whether ``path_or_config`` is a checkpoint already in this method's format, read as stored (no
         unquantized model while loading, scales in the checkpoint's dtype)."""
         return False
+
+    def shard_blocks(self, fmt: WeightFormat, config) -> tuple[int, int] | None:
+        """(rows per block along the output dim, columns per block along the input dim) of this method's stored
+        quantized weights, which a tensor-parallel split must keep whole (qbench.measure.sharding); None where the
+        scheme has no blocks a split must respect. By default what a pre-quantized checkpoint's layout says (its
+        ``shard_blocks()``, where it has one), else None."""
+        layout = self.prequantized_layout(config, fmt)
+        blocks = getattr(layout, "shard_blocks", None)
+        return blocks() if blocks is not None else None
 
 
 _REGISTRY: dict[str, Method] = {}

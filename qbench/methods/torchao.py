@@ -70,6 +70,15 @@ _drop_import_noise()
 
 class _TorchAo(Method):
     family = "torchao"
+    distribution = "torchao"
+    # Found with torchao 0.18 on CPU (issue 23): TorchAoConfig(FqnToConfig({"re:...mlp.experts.(gate_up_proj|
+    # down_proj)": Int8WeightOnlyConfig() / Float8WeightOnlyConfig()})) quantizes the fused experts, but their forward
+    # fails under torch.inference_mode (qbench scores and times under it); its int4 layouts take 3-D weights on CUDA
+    # only (tile_packed_to_4d; plain_int32 says "not supported on cpu").
+    experts_why = (
+        "its parameter-level configs (FqnToConfig on mlp.experts.gate_up_proj/down_proj) make int8/fp8 expert "
+        "tensors whose forward fails under torch.inference_mode, and its int4 layouts take 3-D weights on CUDA only"
+    )
     weights: ClassVar[str]  # int8 | int4 | float8
     bits: ClassVar[int]
     group_size: ClassVar[int | None] = None  # None: one scale per output row
@@ -118,6 +127,10 @@ class _TorchAo(Method):
         ]
 
     # ------------------------------------------------------------------------------------------------- size model
+
+    def shard_blocks(self, fmt: WeightFormat, config) -> tuple[int, int] | None:
+        # int4: one scale and zero per group_size input columns; int8/float8: one scale per row, no block
+        return None if fmt.group_size is None else (1, fmt.group_size)
 
     def weight_format(self, compute_dtype: str, device: str) -> WeightFormat:
         from qbench.errors import UsageError

@@ -119,11 +119,30 @@ def _names(keys, limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def mtp_keys(path: Path, keys) -> set[str]:
+    """Of ``keys``, those of the checkpoint's MTP (next-token-prediction) layers: GLM-4.5 stores
+    ``num_nextn_predict_layers`` of them after its decoder layers (``model.layers.{num_hidden_layers + i}``) for
+    speculative decoding in serving engines; transformers builds no module for them and leaves them out on load, as it
+    should (its Glm4MoeForCausalLM lists GLM-4.5's own, layers 46 and 92, in _keys_to_ignore_on_load_unexpected)."""
+    import json
+
+    from qbench.models.roles import decoder_layers, layer_index
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    layers, nextn = decoder_layers(config), config.get("num_nextn_predict_layers") or 0
+    if not layers or not nextn:
+        return set()
+    return {k for k in keys if (i := layer_index(k)) is not None and layers <= i < layers + nextn}
+
+
 def check_loading_info(path: Path, info: dict) -> None:
     """Raise :class:`CheckpointMismatch` naming the keys when ``from_pretrained``'s loading info reports missing,
     unexpected or shape-mismatched tensors (transformers only logs them: the model would run on random weights)."""
     missing = set(info.get("missing_keys") or ())
-    unexpected = set(info.get("unexpected_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ()) - mtp_keys(path, info.get("unexpected_keys") or ())
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
     problems = []
     if missing:

@@ -1,6 +1,7 @@
 """Train glm-tiny from nothing on the CPU: corpus from a seed, a byte-level BPE tokenizer, a GlmForCausalLM.
 
-``qbench zoo train glm-tiny --out DIR`` runs this; the shipped checkpoint was made by the command recorded in
+``qbench zoo train glm-tiny --out DIR`` runs this (and ``qbench zoo train glm4-moe-tiny``, the same loop with the
+recipe of :mod:`qbench.models.train_moe`); the shipped checkpoint was made by the command recorded in
 its ``TRAINING.json``. Everything is deterministic in the seed up to the float summation order of the CPU
 kernels, so a retrain on another machine gives a model of the same quality, not the same bytes.
 """
@@ -130,24 +131,74 @@ def heldout_ppl(model, ids, seq_len: int) -> float:
     return math.exp(nll / n)
 
 
-def train(out: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Train glm-tiny into ``out`` (an ordinary HF checkpoint directory) and return the training record."""
-    import torch
-    from transformers import GlmForCausalLM
+class Recipe:
+    """What makes one trained zoo model differ from another; the loop in :func:`train` is shared.
 
+    This one is glm-tiny's: its own tokenizer, a dense GlmForCausalLM, next-token loss only. Subclasses (for
+    instance :class:`qbench.models.train_moe.MoeRecipe`) override the hooks they need."""
+
+    name = "glm-tiny"
+
+    def tokenizer(self, cfg: TrainConfig, train_text: str):
+        return train_tokenizer(train_text, cfg.vocab_size)
+
+    def build(self, cfg: TrainConfig, tokenizer):
+        """The model, initialised from the global torch seed."""
+        from transformers import GlmForCausalLM
+
+        return GlmForCausalLM(model_config(cfg, tokenizer))
+
+    def parameters(self, model) -> list:
+        """Everything the optimizer trains (subclasses add modules that are not part of ``model``)."""
+        return list(model.parameters())
+
+    def loss(self, model, batch) -> tuple:
+        """(loss to minimise, next-token loss) for ``batch`` [B, seq_len + 1]."""
+        import torch
+
+        logits = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return loss, loss
+
+    def after_step(self, model) -> None:
+        """Updates that are not the optimizer's, run after each step under ``torch.no_grad()``."""
+
+    def status(self) -> str:
+        """Appended to the progress line."""
+        return ""
+
+    def finish(self, model) -> None:
+        """Make ``model`` hold the numbers that will be saved (the held-out figures are measured after this)."""
+
+    def save(self, model, tokenizer, out: Path) -> None:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    def record(self, model, eval_ids, cfg: TrainConfig) -> dict:
+        """Entries the training record gets beside the common ones."""
+        return {}
+
+
+def train(out: Path, cfg: TrainConfig, log: Callable[[str], None] = print, how: Recipe | None = None) -> dict:
+    """Train a zoo model (glm-tiny unless ``how`` says otherwise) into ``out`` (an ordinary HF checkpoint
+    directory) and return the training record, also written to ``out/TRAINING.json``."""
+    import torch
+
+    how = how or Recipe()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     train_text = corpus.text(cfg.seed, cfg.train_lines)
-    tokenizer = train_tokenizer(train_text, cfg.vocab_size)
+    tokenizer = how.tokenizer(cfg, train_text)
     ids = torch.tensor(tokenizer(train_text, verbose=False)["input_ids"], dtype=torch.long)
     eval_ids = torch.tensor(tokenizer(corpus.text(EVAL_SEED, 700), verbose=False)["input_ids"], dtype=torch.long)
     log(f"corpus: {cfg.train_lines} lines, {ids.numel()} tokens; vocabulary {len(tokenizer)}")
 
-    model = GlmForCausalLM(model_config(cfg, tokenizer))
+    model = how.build(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f} M parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    params = how.parameters(model)
+    log(f"model: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in params) / 1e6:.2f} M trained)")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     loss_val = float("nan")
@@ -156,27 +207,30 @@ def train(out: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> di
             group["lr"] = _lr(step, cfg)
         starts = torch.randint(0, ids.numel() - cfg.seq_len - 1, (cfg.batch,), generator=gen)
         batch = torch.stack([ids[s : s + cfg.seq_len + 1] for s in starts.tolist()])
-        logits = model(batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss, next_token_loss = how.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        loss_val = loss.item()
+        with torch.no_grad():
+            how.after_step(model)
+        loss_val = next_token_loss.item()
         if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}  loss {loss_val:.3f}  lr {_lr(step, cfg):.2e}  {time.perf_counter() - t0:.0f}s")
+            t = time.perf_counter() - t0
+            log(f"step {step:5d}  loss {loss_val:.3f}  lr {_lr(step, cfg):.2e}  {t:.0f}s  {how.status()}".rstrip())
     model.eval()
+    how.finish(model)
     ppl = heldout_ppl(model, eval_ids, cfg.seq_len)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    how.save(model, tokenizer, out)
     record = {
-        "command": f"qbench zoo train glm-tiny --out {out.name} --seed {cfg.seed} --steps {cfg.steps}",
+        "command": f"qbench zoo train {how.name} --out {out.name} --seed {cfg.seed} --steps {cfg.steps}",
         "config": asdict(cfg),
         "parameters": n_params,
         "final_train_loss": round(loss_val, 4),
         "heldout_ppl": round(ppl, 4),
         "uniform_ppl": len(tokenizer),
+        **how.record(model, eval_ids, cfg),
         "train_seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
     }

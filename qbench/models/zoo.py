@@ -46,27 +46,33 @@ def _add(entry: ZooEntry) -> None:
     ZOO[entry.name] = entry
 
 
-def _register(name: str, architecture: str, description: str):
-    def deco(fn: Callable[[], Path]) -> Callable[[], Path]:
-        _add(ZooEntry(name, architecture, description, fn))
-        return fn
-
-    return deco
-
-
 def cache_dir() -> Path:
     """Where on-demand zoo models are built: $QBENCH_CACHE, else ~/.cache/qbench."""
     return Path(os.environ.get("QBENCH_CACHE", Path.home() / ".cache" / "qbench"))
 
 
-@_register("glm-tiny", "GlmForCausalLM", "trained on qbench's synthetic bilingual corpus; ships in the package")
-def _glm_tiny() -> Path:
-    if not (GLM_TINY_DIR / "model.safetensors").is_file():
-        raise UsageError(
-            f"glm-tiny is missing from the package ({GLM_TINY_DIR}); reinstall qbench or rebuild it with "
-            "`qbench zoo train glm-tiny --out <dir>`"
-        )
-    return GLM_TINY_DIR
+def _shipped(name: str, architecture: str, description: str) -> None:
+    """Register a trained zoo model that ships in the package, in ``DATA_DIR / name`` (made by ``qbench zoo train
+    NAME``, as its TRAINING.json records)."""
+    directory = DATA_DIR / name
+
+    def build() -> Path:
+        if not (directory / "model.safetensors").is_file():
+            raise UsageError(
+                f"{name} is missing from the package ({directory}); reinstall qbench or rebuild it with "
+                f"`qbench zoo train {name} --out <dir>`"
+            )
+        return directory
+
+    _add(ZooEntry(name, architecture, description, build))
+
+
+_shipped("glm-tiny", "GlmForCausalLM", "trained on qbench's synthetic bilingual corpus; ships in the package")
+_shipped(
+    "glm4-moe-tiny",
+    "Glm4MoeForCausalLM",
+    "GLM-4.5 layout (8 experts, top-2, shared expert, MTP layer) trained on glm-tiny's corpus; ships in the package",
+)
 
 
 # Written last into a zoo build: every file's size in bytes. A directory without it, or whose files differ from it
@@ -158,22 +164,6 @@ def _glm4_tiny_config():
     return Glm4Config(intermediate_size=256, **_tiny_dims())
 
 
-def _glm4_moe_tiny_config():
-    from transformers import Glm4MoeConfig
-
-    return Glm4MoeConfig(
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        **_tiny_dims(),
-    )
-
-
 def _on_demand(name: str, architecture: str, description: str, config: Callable[[], object]) -> None:
     """Register a zoo model built from ``config`` with random weights (seed 0) the first time it is asked for."""
     _add(ZooEntry(name, architecture, description, lambda: _random_init(name, config()), config))
@@ -184,12 +174,6 @@ _on_demand(
     "Glm4ForCausalLM",
     "random weights from a small GLM-4-0414 config, seed 0, built on demand",
     _glm4_tiny_config,
-)
-_on_demand(
-    "glm4-moe-tiny",
-    "Glm4MoeForCausalLM",
-    "random weights from a small GLM-4.5 MoE config, built on demand",
-    _glm4_moe_tiny_config,
 )
 
 

@@ -29,6 +29,10 @@ class Reference:
     rest_logp: torch.Tensor  # [N] float32: log of the mass outside the top k
     target_logp: torch.Tensor  # [N] float32
     targets: torch.Tensor  # [N] int64
+    # A MoE model's expert choices while scoring (qbench.quality.routing): [MoE layers, tokens, k] sorted expert ids,
+    # and the layers' indices; None for a dense model (or a reference stored before routing was recorded).
+    routing: torch.Tensor | None = None
+    routing_layers: list[int] | None = None
 
     @property
     def positions(self) -> int:

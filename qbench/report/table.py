@@ -38,12 +38,16 @@ def table(results: dict) -> Table:
         "peak MB",
         "status",
     ]
+    moe = _has_routing(results)
+    if moe:  # a mixture-of-experts model's routing drift (qbench.quality.routing)
+        cols.insert(cols.index("same top1") + 1, "routing changed")
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "method", "status") else "right")
     for c in results["cases"]:
         q, perf, mem = c.get("quality", {}), c.get("perf", {}), c.get("memory", {})
         peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
         status = c["status"]
+        routing = [_num(q.get("routing_changed"), ".4f")] if moe else []
         t.add_row(
             c["model"],
             c["method"] if c.get("compute_dtype") is None else f"{c['method']} ({c['compute_dtype']})",
@@ -52,6 +56,7 @@ def table(results: dict) -> Table:
             _num(q.get("ppl_ratio"), ".4f"),
             _num(q.get("kld_mean"), ".5f"),
             _num(q.get("same_top1"), ".3f"),
+            *routing,
             _tok_s(perf, "prefill_tok_s"),
             _tok_s(perf, "decode_tok_s"),
             _mb(peak),
@@ -110,6 +115,10 @@ def perf_notes(results: dict) -> list[str]:
     return out
 
 
+def _has_routing(results: dict) -> bool:
+    return any("routing_changed" in (c.get("quality") or {}) for c in results["cases"])
+
+
 def markdown(results: dict) -> str:
     """A Markdown table fit for $GITHUB_STEP_SUMMARY."""
     env = results["env"]
@@ -119,18 +128,20 @@ def markdown(results: dict) -> str:
         "",
         "libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
         "",
-        "| model | method | weights MB | ppl | ppl ratio | KLD mean | KLD p99 | same top1 | prefill tok/s "
-        "| decode tok/s | peak MB | status |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| model | method | weights MB | ppl | ppl ratio | KLD mean | KLD p99 | same top1 | "
+        + ("routing changed | " if (moe := _has_routing(results)) else "")
+        + "prefill tok/s | decode tok/s | peak MB | status |",
+        "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if moe else "") + "--:|--:|--:|---|",
     ]
     for c in results["cases"]:
         q, perf, mem = c.get("quality", {}), c.get("perf", {}), c.get("memory", {})
         peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
+        routing = f" {_num(q.get('routing_changed'), '.4f')} |" if moe else ""
         lines.append(
             f"| {c['model']} | {c['method']} | {_mb(c.get('footprint', {}).get('weights_bytes'))} "
             f"| {_num(q.get('ppl'), '.3f')} | {_num(q.get('ppl_ratio'), '.4f')} | {_num(q.get('kld_mean'), '.5f')} "
-            f"| {_num(q.get('kld_p99'), '.4f')} | {_num(q.get('same_top1'), '.3f')} "
-            f"| {_tok_s(perf, 'prefill_tok_s')} | {_tok_s(perf, 'decode_tok_s')} | {_mb(peak)} | {c['status']} |"
+            f"| {_num(q.get('kld_p99'), '.4f')} | {_num(q.get('same_top1'), '.3f')} |{routing}"
+            f" {_tok_s(perf, 'prefill_tok_s')} | {_tok_s(perf, 'decode_tok_s')} | {_mb(peak)} | {c['status']} |"
         )
     reasons = [f"- `{c['id']}`: {r}" for c in results["cases"] for r in c.get("reasons", [])]
     reasons += [f"- {line}" for line in perf_notes(results)]

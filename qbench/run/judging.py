@@ -42,6 +42,8 @@ def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
         "rms_dp",
         "greedy_match",
         "addition_accuracy",
+        "routing_changed",  # MoE models only (qbench.quality.routing)
+        "routing_overlap",
     )
     return {
         "schema": store.SCHEMA,

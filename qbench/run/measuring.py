@@ -11,11 +11,22 @@ from qbench import methods
 from qbench.case import Case
 from qbench.measure.bandwidth import decode_bandwidth
 from qbench.measure.estimate import estimate, peak_summary
-from qbench.measure.footprint import kernel_copies, weights_bytes
+from qbench.measure.footprint import (
+    bytes_by_role,
+    fused_full_precision,
+    kernel_copies,
+    left_by_role,
+    router_not_fp32,
+    weights_bytes,
+)
 from qbench.measure.memory import track_peak
 from qbench.measure.timing import measure_speed
-from qbench.quality import layers, tasks
+from qbench.models import completeness
+from qbench.models.roles import decoder_layers
+from qbench.quality import layers as layer_errors
+from qbench.quality import tasks
 from qbench.quality.drift import DriftAccumulator, greedy_agreement, iter_logprobs
+from qbench.quality.routing import record_routing, routing_drift
 from qbench.run.context import ModelContext, Progress
 from qbench.run.devices import check_plan, device_plan, load_model, observed_placement, release_memory
 
@@ -60,30 +71,46 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
     load_s = time.perf_counter() - t0
     loaded_map = observed_placement(model, plan["device_map"]) if plan is not None else None
     quantized = method.quantized_modules(model)
+    layers = decoder_layers(model.config)
     footprint = {"weights_bytes": weights_bytes(model), "quantized_modules": len(quantized)}
+    footprint["roles"] = bytes_by_role(model, layers)
     head = model.get_output_embeddings()
+    left = method.left_unquantized(model)
+    if method.quantized:  # fused 3-D expert parameters: no Linear, so no method's own list sees them
+        left += [n for n in fused_full_precision(model, layers) if n.rpartition(".")[0] not in left]
     checks = {
-        "left_unquantized": method.left_unquantized(model),
+        "left_unquantized": left,
+        "left_by_role": left_by_role(model, left, layers, footprint["weights_bytes"]),
+        "router_not_fp32": router_not_fp32(model, layers),
+        "quantizer": method.responsible(),
+        "experts_fix": method.experts_fix(),
         # torchao keeps the nn.Linear and swaps its weight for a quantized tensor subclass: the weight's type tells.
         "lm_head": f"{type(head).__name__}, weight {type(head.weight).__name__}",
         "lm_head_full_precision": type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter,
         "observed_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
         "expected_dtype": str(methods.torch_dtype(case.compute_dtype)).removeprefix("torch."),
     }
+    stored, ref_path = method.stored_checkpoint(ctx.path), ctx.reference_path or ctx.path
+    if stored is not None and stored.resolve() != ref_path.resolve():  # --reference-model, or a shipped checkpoint
+        checks["completeness"] = completeness.compare(stored, ref_path)
 
     progress(case.id, f"scoring {ctx.eval_ids.numel() - 1} positions")
     t0 = time.perf_counter()
     with track_peak(case.device, gpus) as score_mem:
         acc = DriftAccumulator(ctx.reference)
-        for logp, targets in iter_logprobs(model, ctx.eval_ids, wl.window):
-            acc.update(logp, targets)
+        with record_routing(model) as routes:
+            for logp, targets in iter_logprobs(model, ctx.eval_ids, wl.window):
+                acc.update(logp, targets)
         quality = acc.result()
+        if ctx.reference.routing is not None and (routed := routes.result()) is not None:
+            quality.update(routing_drift(ctx.reference.routing, routed, routes.layers))
         greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
         quality.update(greedy_agreement(ctx.reference_greedy, greedy))
         checks["degenerate"] = tasks.degenerate_where(ctx.tokenizer, greedy, ctx.reference_greedy)
         if quantized:
             first_window = ctx.eval_ids[: wl.window][None]
-            quality.update(layers.summarize(layers.layer_errors(model, quantized, ctx.path, first_window)))
+            errors = layer_errors.layer_errors(model, quantized, ctx.path, first_window)
+            quality.update(layer_errors.summarize(errors))
         if ctx.prompts.get("addition"):
             quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
     score_s = time.perf_counter() - t0
@@ -116,6 +143,8 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         case.device,
         torch.cuda.get_device_name(case.device) if case.device.startswith("cuda") else "cpu",
     )
+    if experts := footprint["roles"].get("routed_experts"):
+        perf["routed_experts"] = routed_experts_note(model.config, experts["bytes"])
     del model, head, emb
     release_memory()
     placement = None
@@ -154,6 +183,23 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             "per_device_peak_run_bytes": run_mem.per_device_bytes,
         },
         "timings_s": {"load": load_s, "score": score_s, "speed": speed_s},
+    }
+
+
+def routed_experts_note(config, expert_bytes: int) -> dict:
+    """What a MoE model's speed figures cover: each token uses k of the E routed experts, so a decode step needs
+    k/E of the experts' bytes (more at batch > 1, as tokens pick different experts), and how many it reads depends on
+    the kernel (bitsandbytes' parametrized experts dequantize all E per forward). The bandwidth figure counts every
+    weight byte."""
+    k, n = getattr(config, "num_experts_per_tok", None), getattr(config, "n_routed_experts", None)
+    return {
+        "bytes": expert_bytes,
+        "experts": n,
+        "per_token": k,
+        "note": (
+            f"decode speed depends on routing: a token uses {k} of {n} routed experts ({expert_bytes:,} bytes in "
+            "all); perf.bandwidth counts every weight byte, an upper bound of what a decode step needs"
+        ),
     }
 
 

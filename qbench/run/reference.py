@@ -12,6 +12,7 @@ from qbench.errors import UsageError
 from qbench.judge import reference as stored_reference
 from qbench.quality import tasks
 from qbench.quality.drift import NonFiniteReference, Reference, build_reference, iter_logprobs
+from qbench.quality.routing import record_routing
 from qbench.run.context import ModelContext, Progress
 from qbench.run.devices import device_plan, load_model, release_memory
 
@@ -112,7 +113,9 @@ def _score(ctx: ModelContext, cfg: RunConfig, progress: Progress, method) -> Non
     plan = device_plan(ctx.reference_path, cfg.reference, cfg, method.default_compute_dtype) if cfg.device_map else None
     model = load_model(method, ctx.reference_path, cfg.device, method.default_compute_dtype, plan)
     progress(f"{ctx.name} reference", f"scoring {ctx.eval_ids.numel() - 1} positions")
-    ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
+    with record_routing(model) as routes:
+        ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
+    ctx.reference.routing, ctx.reference.routing_layers = routes.result(), routes.layers or None
     check_reference(ctx.reference)  # before anything is measured against it, or saved
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
     del model

@@ -224,7 +224,9 @@ def _print(r: dict, console) -> None:
         (
             "weights",
             r["weights_bytes"],
-            f"{r['quantized_linears']} quantized linears: {fmt_bytes(w['quantized'])} "
+            f"{r['quantized_linears']} quantized linears"
+            + (f" and {r['quantized_fused_experts']} fused expert tensors" if r["quantized_fused_experts"] else "")
+            + f": {fmt_bytes(w['quantized'])} "
             f"+ {fmt_bytes(w['quantization_side_data'])} scales; "
             f"{fmt_bytes(w['full_precision_params'])} full precision",
         ),

@@ -257,6 +257,7 @@ def estimate(
         "generation_path": GENERATION_PATHS[keep_logits],
         "parameters": sum(t.numel for t in tensors if t.kind != "buffer"),
         "quantized_linears": len(table.quantized),
+        "quantized_fused_experts": len(table.fused),  # 3-D expert tensors quantized whole (bitsandbytes 4-bit)
         "weights_bytes": weights,
         "weights": {
             "quantized": sum(t.nbytes - t.side_bytes for t in tensors if t.kind == "quantized"),

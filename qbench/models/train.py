@@ -64,10 +64,9 @@ def train_tokenizer(text: str, vocab_size: int):
     )
 
 
-def model_config(cfg: TrainConfig, tokenizer):
-    from transformers import GlmConfig
-
-    return GlmConfig(
+def decoder_dims(cfg: TrainConfig, tokenizer) -> dict:
+    """The config settings a trained tiny GLM has whatever its MLP: widths, heads, positions, norms, special tokens."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -82,6 +81,12 @@ def model_config(cfg: TrainConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+
+
+def model_config(cfg: TrainConfig, tokenizer):
+    from transformers import GlmConfig
+
+    return GlmConfig(**decoder_dims(cfg, tokenizer))
 
 
 def write_eval_material(data_dir: Path) -> None:

@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qbench.models.train import Recipe, TrainConfig
+from qbench.models.train import Recipe, TrainConfig, decoder_dims
 
 # transformers keeps these in float32 whatever the load dtype (Glm4MoePreTrainedModel._keep_in_fp32_modules_strict);
 # the checkpoint stores them in float32 too, everything else in bfloat16 as GLM-4.5's checkpoints are.
@@ -64,14 +64,8 @@ def model_config(cfg: MoeTrainConfig, tokenizer):
     from transformers import Glm4MoeConfig
 
     return Glm4MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
+        **decoder_dims(cfg, tokenizer),
         moe_intermediate_size=cfg.expert_size,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.hidden_size // cfg.heads,
         n_routed_experts=cfg.experts,
         num_experts_per_tok=cfg.top_k,
         n_shared_experts=cfg.shared_experts,
@@ -82,12 +76,6 @@ def model_config(cfg: MoeTrainConfig, tokenizer):
         routed_scaling_factor=1.0,
         num_nextn_predict_layers=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
     )
 
 

@@ -154,12 +154,12 @@ def _methods(args, console: Console, err: Console) -> int:
 def _fused_experts(model: str) -> list[str]:
     """The fused 3-D expert parameters of ``model`` (from its config, on the meta device: nothing is loaded)."""
     from qbench.measure.weights import load_config, meta_model
-    from qbench.models.roles import QUANTIZABLE, decoder_layers, role_of
+    from qbench.models.roles import decoder_layers, is_fused_expert
 
     config = load_config(model)
     layers = decoder_layers(config)
     params = meta_model(config, "bf16").named_parameters()
-    return [n for n, p in params if p.dim() == 3 and role_of(n, layers) in QUANTIZABLE]
+    return [n for n, p in params if is_fused_expert(n, p.shape, layers)]
 
 
 def _quantizes_fused(method, device: str) -> bool:

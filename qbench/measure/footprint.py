@@ -123,13 +123,9 @@ def bytes_by_role(model, layers: int | None = None) -> dict[str, dict]:
 def fused_full_precision(model, layers: int | None = None) -> list[str]:
     """Names of the fused expert parameters (3-D: one matrix per expert, as transformers 5 stores a MoE layer's routed
     experts) still in full precision; a weight-quantizing method is meant to have quantized them."""
-    from qbench.models.roles import QUANTIZABLE, role_of
+    from qbench.models.roles import is_fused_expert
 
-    return [
-        n
-        for n, p in model.named_parameters()
-        if p.dim() == 3 and full_precision(p) and role_of(n, layers) in QUANTIZABLE
-    ]
+    return [n for n, p in model.named_parameters() if is_fused_expert(n, p.shape, layers) and full_precision(p)]
 
 
 def left_by_role(model, left: list[str], layers: int | None, total: int) -> dict[str, dict]:
@@ -140,10 +136,10 @@ def left_by_role(model, left: list[str], layers: int | None, total: int) -> dict
     params = dict(model.named_parameters())
     out: dict[str, dict] = {}
     for name in left:
-        p = params.get(name) if name in params else params.get(f"{name}.weight")
+        key = name if name in params else f"{name}.weight"  # a parameter's name, or a module's (its weight)
+        p = params.get(key)
         if p is None:
             continue
-        key = name if name in params else f"{name}.weight"
         row = out.setdefault(role_of(key, layers), {"tensors": [], "bytes": 0, "formats": []})
         row["tensors"].append(name)
         row["bytes"] += _tensor_bytes(p)

@@ -17,7 +17,7 @@ from qbench.errors import UsageError
 from qbench.methods.bnb import BNB_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # noqa: F401  (re-exported: their old home)
 from qbench.methods.quanto import QUANTO_LINEAR_BUFFERS  # noqa: F401  (re-exported: its old home)
 from qbench.methods.sizing import DTYPE_BYTES, WeightFormat  # noqa: F401  (re-exported: their old home)
-from qbench.models.roles import QUANTIZABLE, decoder_layers, role_of
+from qbench.models.roles import ROLES, decoder_layers, is_fused_expert, role_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -158,8 +158,6 @@ class WeightTable:
     def by_role(self, layers: int | None) -> dict[str, dict]:
         """Bytes per role (qbench.models.roles) and how each role is stored: {role: {"bytes", "tensors", "formats":
         {storage: bytes}}}, as :func:`qbench.measure.footprint.bytes_by_role` reports them for the loaded model."""
-        from qbench.models.roles import ROLES, role_of
-
         out: dict[str, dict] = {}
         for t in self.tensors:
             row = out.setdefault(role_of(t.name, layers), {"bytes": 0, "tensors": 0, "formats": {}})
@@ -170,10 +168,7 @@ class WeightTable:
 
     def fused_full_precision(self, layers: int | None) -> list[TensorBytes]:
         """The fused 3-D expert parameters left in full precision (no method quantizes them in these versions)."""
-        from qbench.models.roles import QUANTIZABLE, role_of
-
-        fused = [t for t in self.tensors if t.kind == "param" and len(t.shape) == 3]
-        return [t for t in fused if role_of(t.name, layers) in QUANTIZABLE]
+        return [t for t in self.tensors if t.kind == "param" and is_fused_expert(t.name, t.shape, layers)]
 
 
 def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
@@ -197,7 +192,7 @@ def weight_table(config: PretrainedConfig, fmt: WeightFormat) -> WeightTable:
             data, side = quantized_linear_bytes(fmt, *quantized[module])
             side, books = side + books, 0  # the code books go with the first quantized linear
             out.append(TensorBytes(name, data + side, "quantized", side, t.numel(), shape, fmt.scheme))
-        elif fuses and kind == "param" and t.dim() == 3 and role_of(name, layers) in QUANTIZABLE:
+        elif fuses and kind == "param" and is_fused_expert(name, shape, layers):
             # a fused expert tensor quantized whole (bitsandbytes' parametrization): one [experts x out, in] matrix
             fused[name] = (shape[0] * shape[1], shape[2])
             data, side = quantized_linear_bytes(fmt, *fused[name])
@@ -218,7 +213,6 @@ def left_full_precision(method, fmt: WeightFormat, table: WeightTable, layers: i
     they would take in ``fmt`` (each expert's matrix as one ``[out, in]`` linear) and so what leaving them costs:
     {role: {"tensors", "bytes", "quantized_bytes", "costs_bytes"}} (the last two None where ``fmt`` has no linear
     size, e.g. a pre-quantized checkpoint's layout)."""
-    from qbench.models.roles import role_of
 
     if not method.quantized:
         return {}

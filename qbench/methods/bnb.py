@@ -108,15 +108,14 @@ class _Bnb4bit(_Bnb):
         Returns the names quantized."""
         from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
-        from qbench.models.roles import QUANTIZABLE, decoder_layers, role_of
+        from qbench.models.roles import decoder_layers, is_fused_expert
 
         layers = decoder_layers(model.config)
         done = []
         for module_name, module in model.named_modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 full = f"{module_name}.{name}"
-                fused = p.dim() == 3 and p.is_floating_point() and p.device.type != "meta"
-                if fused and role_of(full, layers) in QUANTIZABLE:
+                if is_fused_expert(full, p.shape, layers) and p.is_floating_point() and p.device.type != "meta":
                     replace_parameter_4bit(
                         module,
                         name,

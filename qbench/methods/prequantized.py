@@ -80,7 +80,7 @@ class Prequantized(Method):
 
     def responsible(self) -> str:
         """The checkpoint's library (its ``library``), through transformers."""
-        if self.library is not None and self.distribution is None:
+        if self.library is not None:
             from qbench.env import distribution_version
 
             version = distribution_version(self.library[1]) or "(not installed)"

@@ -74,6 +74,13 @@ def role_of(name: str, layers: int | None = None) -> str:
     return OTHER
 
 
+def is_fused_expert(name: str, shape, layers: int | None = None) -> bool:
+    """Whether the parameter ``name`` of ``shape`` is a fused expert tensor: 3-D, one matrix per expert, as
+    transformers 5 stores a MoE layer's routed experts (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``
+    [E, H, I]), in a role a weight-quantizing method is meant to quantize."""
+    return len(shape) == 3 and role_of(name, layers) in QUANTIZABLE
+
+
 def module_role(module_name: str, layers: int | None = None) -> str:
     """The role of the weights of the module called ``module_name`` (e.g. ``model.layers.3.mlp.experts``)."""
     return role_of(f"{module_name}.weight", layers)

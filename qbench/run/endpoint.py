@@ -32,7 +32,8 @@ from qbench.run.config import RunConfig
 from qbench.run.context import ModelContext, Progress
 from qbench.run.outcome import LOG_TAIL_LINES, error_reason
 from qbench.serve import handshake, protocol
-from qbench.serve.client import CONTEXT, UNSUPPORTED, Client, EndpointError
+from qbench.serve.client import Client
+from qbench.serve.errors import CONTEXT, UNSUPPORTED, EndpointError
 from qbench.serve.faults import endpoint_reason, unmeasurable_reason
 from qbench.serve.handshake import endpoint_doc, preflight
 from qbench.serve.protocol import greedy_ids, speed_request

@@ -28,32 +28,23 @@ from dataclasses import dataclass, field
 
 from qbench.errors import UsageError
 
-# The kinds of error and the parsing of error bodies live in qbench.serve.errors; they are re-exported here, where
-# the run layer and the tests import them from.
-from qbench.serve.errors import (  # noqa: F401
-    AUTH,
+# The kinds of error and the parsing of error bodies live in qbench.serve.errors (import them from there).
+from qbench.serve.errors import (
     CONTEXT,
     DISCONNECTED,
-    HTTP,
     HTTP_CAUSES,
-    LOGPROBS_LIMIT,
     MALFORMED,
-    MODEL,
-    NOT_FOUND,
     OVERLOADED,
     REDIRECT,
-    REFUSED,
     RETRY_STATUSES,
     TIMEOUT,
     TLS,
     UNREACHABLE,
-    UNSUPPORTED,
     EndpointError,
     _context_fix,
     _error_detail,
     _error_event,
     classify,
-    context_fix,
 )
 
 API_KEY_VARS = ("QBENCH_API_KEY", "OPENAI_API_KEY")

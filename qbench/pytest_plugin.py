@@ -2,12 +2,15 @@
 
 Tests that take the ``qbench_case`` fixture are parametrized over models × methods with readable ids
 (``glm-tiny-bnb-nf4-cpu``); the cases of one session run once through :func:`qbench.run.engine.run_cases`, so
-each model's reference is scored once however many methods are selected.
+each model's reference is scored once however many methods are selected. ``qbench_gate_case`` does the same for the
+gate in the user's own repository (``pytest --pyargs qbench.gate``): the matrix and the served models of
+``[tool.qbench]`` (:mod:`qbench.gate.settings`) and the options, on the full workload, baselines beside the rootdir.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -31,12 +34,48 @@ def pytest_addoption(parser) -> None:
         metavar="I/N",
         help="run only the I-th of N equal slices of the case matrix (one per CI machine or GPU)",
     )
+    g.addoption(
+        "--qbench-baselines",
+        metavar="DIR",
+        help="baseline folder (default: [tool.qbench] baselines, else $QBENCH_BASELINES, else baselines/ beside the "
+        "rootdir for qbench.gate)",
+    )
+    g.addoption(
+        "--qbench-endpoint",
+        metavar="URL",
+        help="gate the model served at URL (OpenAI-compatible) against the stored reference of --qbench-model",
+    )
+    g.addoption(
+        "--qbench-served-model", metavar="NAME", help="model name at --qbench-endpoint (default: the one it serves)"
+    )
+    g.addoption("--qbench-json", metavar="PATH", help="write the gate's results JSON (qbench.results/1) here")
 
 
 def _device(config) -> str:
     from qbench.env import default_device
 
-    return config.getoption("--qbench-device") or default_device()
+    return gate_settings(config).device or default_device()
+
+
+_SETTINGS = pytest.StashKey()
+
+
+def gate_settings(config):
+    """``[tool.qbench]`` of the rootdir's pyproject.toml with the ``--qbench-*`` options on top (read once)."""
+    if _SETTINGS not in config.stash:
+        from qbench.gate import settings
+
+        path = settings.find_pyproject(config.inipath, config.rootpath)
+        config.stash[_SETTINGS] = settings.merge(
+            settings.read(path),
+            models=config.getoption("--qbench-model"),
+            methods=config.getoption("--qbench-method"),
+            device=config.getoption("--qbench-device"),
+            baselines=config.getoption("--qbench-baselines"),
+            endpoint=config.getoption("--qbench-endpoint"),
+            served_model=config.getoption("--qbench-served-model"),
+        )
+    return config.stash[_SETTINGS]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -51,7 +90,9 @@ def pytest_configure(config) -> None:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker["workercount"]))
-    elif _workers(config) and _device(config).startswith("cuda"):
+    else:  # the controller checks the options once, before collection
+        _check_options(config)
+    if not worker and _workers(config) and _device(config).startswith("cuda"):
         gpus = gpu_slots()
         if _workers(config) > len(gpus):
             raise pytest.UsageError(
@@ -59,8 +100,6 @@ def pytest_configure(config) -> None:
                 f"-n {len(gpus) or 1} (or -n auto) so each worker has a GPU of its own; a shared GPU spoils "
                 "timings and memory peaks"
             )
-    if not worker:  # the controller checks the options once, before collection
-        _check_options(config)
     from qbench.env import quiet_libraries
 
     quiet_libraries()
@@ -74,12 +113,13 @@ def _check_options(config) -> None:
 
     try:
         shard([], config.getoption("--qbench-shard"))
-        if config.getoption("--qbench-method"):
+        chosen = gate_settings(config)
+        if chosen.methods:
             from qbench.methods import get
 
-            for name in config.getoption("--qbench-method"):
+            for name in chosen.methods:
                 get(name)
-        device = config.getoption("--qbench-device")
+        device = chosen.device
         if device:
             import torch
 
@@ -92,9 +132,13 @@ def _check_options(config) -> None:
             # Only the spelling here: whether the GPUs are there is the cases' to say (xdist pins workers first).
             if kind not in ("cpu", "cuda"):
                 check_device(device)
+        if config.getoption("--qbench-json"):
+            from qbench.judge.store import check_writable
+
+            check_writable(Path(config.getoption("--qbench-json")), "--qbench-json")
         from qbench.models import zoo
 
-        for spec in config.getoption("--qbench-model") or []:
+        for spec in [*chosen.models, *(e["model"] for e in chosen.endpoints if "model" in e)]:
             if spec not in zoo.ZOO:  # a zoo id is known; building it is left to the first case that needs it
                 zoo.resolve(spec)
     except UsageError as e:  # qbench's words name the CLI's options: name the pytest ones instead
@@ -159,7 +203,9 @@ def matrix_cases(config) -> list[tuple]:
     from qbench.methods import get
     from qbench.models.zoo import model_id
 
-    models = config.getoption("--qbench-model") or ["glm-tiny"]
+    if not gate_settings(config).local:  # --qbench-endpoint: the served model only
+        return []
+    models = gate_settings(config).models or ["glm-tiny"]
     device = _device(config)
     cases = [
         (
@@ -181,10 +227,14 @@ def matrix_cases(config) -> list[tuple]:
 
 
 def pytest_generate_tests(metafunc) -> None:
-    if "qbench_case" not in metafunc.fixturenames:
-        return
-    cases = [(spec, case) for spec, case, _ in matrix_cases(metafunc.config)]
-    metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
+    if "qbench_case" in metafunc.fixturenames:
+        cases = [(spec, case) for spec, case, _ in matrix_cases(metafunc.config)]
+        metafunc.parametrize("qbench_case", cases, ids=[c.id for _, c in cases])
+    if "qbench_gate_case" in metafunc.fixturenames:
+        from qbench.gate.results import case_ids
+
+        ids = case_ids([c.id for _, c, _ in matrix_cases(metafunc.config)], gate_settings(metafunc.config))
+        metafunc.parametrize("qbench_gate_case", ids, ids=ids)
 
 
 def shard(items: list, spec: str) -> list:
@@ -201,7 +251,7 @@ def shard(items: list, spec: str) -> list:
 def methods_of(config) -> list[str]:
     from qbench.run import DRIFT_METHODS
 
-    return config.getoption("--qbench-method") or list(DRIFT_METHODS)
+    return list(gate_settings(config).methods) or list(DRIFT_METHODS)
 
 
 def _dtypes(config) -> list[str | None]:
@@ -214,64 +264,54 @@ def qbench_device(pytestconfig) -> str:
     return _device(pytestconfig)
 
 
-class MatrixResults:
-    """{case id: case result} for the drift matrix, each case run when a test first asks for it.
+@pytest.fixture(scope="session")
+def qbench_matrix_results(pytestconfig):
+    """Results of the selected matrix by case id, each case run once per session when first asked for. One short
+    speed run per case keeps qbench's own drift matrix fast: speed is not gated there (qbench.judge.perf)."""
+    from qbench.gate.results import QUICK_SPEED, MatrixResults
 
-    Under xdist a worker runs only the cases it is sent; each (model, compute dtype) group's reference is scored
-    once per process, on the group's first case. A damaged baseline of the group is bad input before anything
-    loads; a failing reference makes every case of the group an error, as in ``qbench run``.
-    """
+    chosen = gate_settings(pytestconfig)
+    return MatrixResults(
+        matrix_cases(pytestconfig),
+        _device(pytestconfig),
+        QUICK_SPEED,
+        chosen.baselines,  # None: qbench's default (QBENCH_BASELINES, else the checkout's baselines/)
+        update=pytestconfig.getoption("--qbench-update-baselines"),
+        lenient=pytestconfig.getoption("--qbench-lenient"),
+    )
 
-    def __init__(self, config) -> None:
-        self.config = config
-        self.cases = {case.id: (spec, case, dtype) for spec, case, dtype in matrix_cases(config)}
-        self.groups: dict[tuple, tuple] = {}
-        self.results: dict[str, dict] = {}
 
-    def _group(self, spec: str, dtype: str | None) -> tuple:
-        from qbench.judge import perf as perf_baseline
-        from qbench.judge import store
-        from qbench.run import RunConfig, prepare_model, score_reference
-        from qbench.run.judging import kernels_of
-        from qbench.run.workload import Workload
-
-        if (spec, dtype) not in self.groups:
-            chosen = [c for sp, c, d in self.cases.values() if sp == spec and d == dtype]
-            # The drift gate judges quality; one short speed run keeps the matrix fast (speed settings are not
-            # part of the quality fingerprint, and a perf baseline for other settings is not compared).
-            cfg = RunConfig(
-                models=[spec],
-                methods=[c.method for c in chosen],
-                device=_device(self.config),
-                compute_dtype=dtype,
-                workload=Workload(repeat=1, warmup=0, new_tokens=4),
-                update_baselines=self.config.getoption("--qbench-update-baselines"),
-                lenient=self.config.getoption("--qbench-lenient"),
-            )
-            cfg.validate()
-            for case in chosen:
-                store.load(cfg.baselines, case, force=cfg.force, kernels=kernels_of(case.device))
-                perf_baseline.load(store.case_dir(cfg.baselines, case), case.device, force=cfg.force)
-            ctx = prepare_model(spec, cfg)
-            try:
-                score_reference(ctx, cfg, lambda _case, _stage: None)
-                failure = None
-            except Exception as e:  # UsageError too: every case of the group reports it
-                failure = e
-            self.groups[spec, dtype] = (cfg, ctx, failure)
-        return self.groups[spec, dtype]
-
-    def __getitem__(self, case_id: str) -> dict:
-        from qbench.run import error_result, execute_case
-
-        if case_id not in self.results:
-            spec, case, dtype = self.cases[case_id]
-            cfg, ctx, failure = self._group(spec, dtype)
-            self.results[case_id] = error_result(case, failure) if failure else execute_case(case, ctx, cfg)
-        return self.results[case_id]
+_GATE = pytest.StashKey()
 
 
 @pytest.fixture(scope="session")
-def qbench_matrix_results(pytestconfig) -> MatrixResults:
-    """Results of the selected matrix by case id, each case run once per session when first asked for."""
-    return MatrixResults(pytestconfig)
+def qbench_gate_results(pytestconfig):
+    """The gate's results by case id (``qbench.gate``): the configured workload (the full one unless
+    ``[tool.qbench.workload]`` says otherwise, so speed and memory are gated), baselines in the user's repository."""
+    from qbench.gate.results import GateResults
+
+    chosen = gate_settings(pytestconfig)
+    gate = GateResults(
+        matrix_cases(pytestconfig),
+        chosen,
+        _device(pytestconfig),
+        chosen.baselines_root(pytestconfig.rootpath),
+        update=pytestconfig.getoption("--qbench-update-baselines"),
+        lenient=pytestconfig.getoption("--qbench-lenient"),
+    )
+    pytestconfig.stash[_GATE] = gate
+    return gate
+
+
+def pytest_sessionfinish(session) -> None:
+    """``--qbench-json PATH``: the gate's results file (under xdist each worker writes PATH with its id inserted)."""
+    path = session.config.getoption("--qbench-json", None)
+    gate = session.config.stash.get(_GATE, None)
+    if not path or gate is None:
+        return
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if worker:
+        path = str(Path(path).with_suffix(f".{worker}{Path(path).suffix}"))
+    from qbench.report.results import write_json
+
+    write_json(gate.document(), Path(path))

@@ -1,7 +1,7 @@
 """The ``qbench`` command: a thin door onto the library. Exit 0 all passed, 1 a verdict failed, 2 bad input.
 
-One module per verb group (:mod:`~qbench.cli.run`, :mod:`~qbench.cli.estimate`, :mod:`~qbench.cli.tools`), each
-adding its parsers with a ``handler(args, console, err) -> exit status``.
+One module per verb group (:mod:`~qbench.cli.run`, :mod:`~qbench.cli.estimate`, :mod:`~qbench.cli.tools`,
+:mod:`~qbench.cli.init`), each adding its parsers with a ``handler(args, console, err) -> exit status``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 
 from rich.console import Console
 
-from qbench.cli import estimate, run, tools
+from qbench.cli import estimate, init, run, tools
 from qbench.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Parser, Terminated, raise_terminated
 from qbench.errors import UsageError
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         handler=lambda args, console, err: estimate.run_estimate(args, console)
     )
     tools.add_parsers(sub)
+    init.add_parsers(sub)
     return p
 
 

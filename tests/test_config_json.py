@@ -112,6 +112,7 @@ def test_config_doc_is_unchanged():
             "new_tokens": 32,
             "repeat": 5,
             "warmup": 1,
+            "noise_floor": True,  # added with the noise floor (issue 24); files without it still compare
         },
     }
     doc = config_doc(RunConfig())

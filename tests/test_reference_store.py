@@ -45,9 +45,11 @@ def test_top32_kld_agrees_with_full_vocabulary(glm_tiny):
 def test_round_trip_and_size(tmp_path, glm_tiny):
     ref_model, _, ids = glm_tiny
     ref = build_reference(iter_logprobs(ref_model, ids, 128), 32)
+    ref.floor, ref.addition = {"kld_mean": 3.9e-5, "by_confidence": []}, [True, False]  # issue 24's figures
     stored.save(tmp_path, ref, [[1, 2, 3]], FP)
     back, greedy = stored.load(tmp_path, FP)
     assert greedy == [[1, 2, 3]]
+    assert back.floor == ref.floor and back.addition == [True, False]
     for name in ("topk_ids", "topk_logp", "rest_logp", "target_logp", "targets"):
         assert torch.equal(getattr(back, name), getattr(ref, name).to(getattr(back, name).dtype))
     # int16 ids: 1,024 positions × 32 × 6 bytes + 1,024 × 10 bytes, plus the safetensors header.

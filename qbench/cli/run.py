@@ -163,6 +163,12 @@ def add_selection(p: argparse.ArgumentParser) -> None:
         default=24,
         help="greedy continuation length per prompt (default 24; part of the workload like --max-positions)",
     )
+    w.add_argument(
+        "--no-noise-floor",
+        dest="noise_floor",
+        action="store_false",
+        help="skip the reference's bf16 noise floor (one more scoring pass of the reference; quality.kld_over_floor)",
+    )
     w.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's choice)")
     r = p.add_argument_group("isolation")
     r.add_argument(
@@ -208,6 +214,7 @@ def run_config(args, update: bool):
         "window": args.window,
         "max_positions": args.max_positions,
         "greedy_tokens": args.greedy_tokens,
+        "noise_floor": args.noise_floor,
     }
     if args.eval_text:
         wl_kwargs["eval_text"] = args.eval_text

@@ -56,6 +56,8 @@ def save(directory: Path, ref: Reference, greedy: list[list[int]], fingerprints:
             "positions": ref.positions,
             "greedy": greedy,
             **({"routing_layers": ref.routing_layers} if ref.routing is not None else {}),
+            **({"floor": ref.floor} if ref.floor is not None else {}),  # qbench.quality.floor
+            **({"addition": ref.addition} if ref.addition is not None else {}),  # right or wrong, per prompt
             "bytes": (directory / TENSORS).stat().st_size,
         },
     )
@@ -95,4 +97,5 @@ def load(directory: Path, fingerprints: dict) -> tuple[Reference, list[list[int]
     ref = Reference(t["topk_ids"].long(), t["topk_logp"], t["rest_logp"], t["target_logp"], t["targets"].long())
     if "routing" in t:
         ref.routing, ref.routing_layers = t["routing"], meta.get("routing_layers")
+    ref.floor, ref.addition = meta.get("floor"), meta.get("addition")
     return ref, meta["greedy"]

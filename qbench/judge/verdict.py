@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from qbench.case import DRIFT, ERROR, FAILING, PASS, REGRESSION, SKIPPED, Bound  # noqa: F401  (re-exported)
 from qbench.judge.tolerances import GREEDY_TIE_MARGIN, REGRESSION_TOLERANCES
 from qbench.models.completeness import reasons as completeness_reasons
+from qbench.quality import breakdown
+from qbench.quality import flips as flip_stats
+
+# The metrics that measure the next-token distribution's drift: a reason about one of them also says where the drift
+# sits (qbench.quality.breakdown), once per verdict.
+DISTRIBUTION_METRICS = ("kld_mean", "kld_p99", "kld_max", "same_top1", "rms_dp", "ppl_ratio", "ppl")
 
 # Fingerprints that must match for a comparison to mean anything. Library versions are recorded but not
 # compared: a change of library is exactly what the gate exists to judge.
@@ -39,10 +45,14 @@ def quality_gate(quality: dict, bounds: tuple[Bound, ...], label: str) -> list[s
             f"NaN/inf logits at {quality['nonfinite_positions']} positions for {label}: its KLD and perplexity "
             "are NaN there"
         )
+    where = breakdown.where(quality)
     for b in bounds:
         v = b.violation(quality.get(b.metric))
         if v:
-            reasons.append(f"{v} for {label} vs the full-precision reference (bound: {b.why})")
+            reason = f"{v} for {label} vs the full-precision reference (bound: {b.why})"
+            if where and b.metric in DISTRIBUTION_METRICS:
+                reason, where = f"{reason}; {where}", None
+            reasons.append(reason)
     return reasons
 
 
@@ -137,6 +147,7 @@ def regression_gate(m: dict, baseline: dict, label: str, same_kernels: bool = Fa
     run used the baseline's kernel set, else the wider cross-kernel ones (qbench.judge.tolerances)."""
     quality, reasons = m["quality"], []
     stored = baseline["quality"]
+    where = breakdown.moved(quality.get("by_confidence"), stored.get("by_confidence")) or breakdown.where(quality)
     for tol in REGRESSION_TOLERANCES:
         now, then = quality.get(tol.metric), stored.get(tol.metric)
         if now is None or then is None:
@@ -146,11 +157,15 @@ def regression_gate(m: dict, baseline: dict, label: str, same_kernels: bool = Fa
         elif abs(now - then) > tol.allowed(then, same_kernels):
             # Beyond noise either way is flagged (a change is what the gate exists to catch); the words say
             # whether the move helped or hurt, since "moved" alone hides it.
-            reasons.append(
+            reason = (
                 f"{tol.metric} {now:.4g} vs baseline {then:.4g} for {label}: "
                 f"{tol.direction(now, then)} > {tol.allowed(then, same_kernels):.3g} allowed"
                 + ("" if same_kernels else " across kernel sets")
             )
+            if where and tol.metric in DISTRIBUTION_METRICS:
+                reason, where = f"{reason}; {where}", None
+            reasons.append(reason)
+    reasons += flip_gate(quality, stored, label)[0]
     # Weight bytes are a pure function of the checkpoint and the method: any change is real.
     now_b, then_b = m["footprint"]["weights_bytes"], baseline.get("footprint", {}).get("weights_bytes")
     if then_b is not None and now_b != then_b:
@@ -159,6 +174,23 @@ def regression_gate(m: dict, baseline: dict, label: str, same_kernels: bool = Fa
     if changed:
         reasons.append(f"greedy continuation differs from the baseline's for {label}: {'; '.join(changed[:3])}")
     return reasons
+
+
+def flip_gate(quality: dict, stored: dict, label: str) -> tuple[list[str], dict[str, str]]:
+    """(reasons, notes): per flip set (qbench.quality.flips), more answers lost than in the baseline beyond both
+    counts' 95% intervals is a reason; a set that cannot be gated gets a note saying why."""
+    reasons, notes = [], {}
+    for name, now in (quality.get("flips") or {}).items():
+        then = (stored.get("flips") or {}).get(name)
+        if then is None:
+            notes[name] = "not gated: the baseline has no flip counts (recorded before qbench counted them)"
+            continue
+        flagged, words = flip_stats.compare(now, then)
+        if flagged:
+            reasons.append(f"more {name} flipped from right to wrong for {label}: {words}")
+        elif flagged is None:
+            notes[name] = words
+    return reasons, notes
 
 
 def libraries_changed(now: dict, then: dict) -> str | None:

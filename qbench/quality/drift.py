@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qbench.quality import breakdown
+from qbench.quality.flips import flips
+
 TOP_K = 64  # 64 × (4 B id + 4 B log-prob) per position: 1 MB for 2,048 positions, whatever the vocabulary.
 KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0)
 
@@ -33,10 +36,20 @@ class Reference:
     # and the layers' indices; None for a dense model (or a reference stored before routing was recorded).
     routing: torch.Tensor | None = None
     routing_layers: list[int] | None = None
+    # The bf16 noise floor measured on this reference (qbench.quality.floor), and per addition prompt whether the
+    # reference answered it right (qbench.quality.flips); None where not measured (or stored before they were).
+    floor: dict | None = None
+    addition: list[bool] | None = None
 
     @property
     def positions(self) -> int:
         return self.targets.numel()
+
+    def right(self) -> torch.Tensor:
+        """[N] int8: 1 where the reference's top-1 is the actual next token, 0 where it is not, -1 where the actual
+        token ties for top-1 with another (:func:`outcome`)."""
+        second = self.topk_logp[:, 1] if self.topk_logp.shape[1] > 1 else torch.full_like(self.target_logp, -math.inf)
+        return outcome(self.target_logp, self.topk_logp[:, 0], second)
 
     def nonfinite(self) -> torch.Tensor:
         """[N] bool: positions where the reference's own log-probs are broken (NaN anywhere, +inf, or no finite
@@ -105,6 +118,7 @@ class DriftAccumulator:
         self.nll: list[torch.Tensor] = []
         self.dp: list[torch.Tensor] = []
         self.top1: list[torch.Tensor] = []
+        self.right: list[torch.Tensor] = []
         self.nonfinite = 0
 
     def update(self, logp: torch.Tensor, targets: torch.Tensor) -> None:
@@ -124,7 +138,17 @@ class DriftAccumulator:
         self.dp.append(q_tgt.exp() - self.ref.target_logp[sl].exp())
         # Same top-1: the reference's argmax is also (one of) the quantized model's argmax; a tie counts as
         # agreement, so identical distributions always score 1.0 whatever order topk and argmax break ties in.
-        self.top1.append(q_top[:, 0] >= logp.max(-1).values)
+        top2 = logp.topk(min(2, logp.shape[-1]), dim=-1).values
+        top = top2[:, 0]
+        self.top1.append(q_top[:, 0] >= top)
+        second = top2[:, 1] if top2.shape[1] > 1 else torch.full_like(top, -math.inf)
+        self.right.append(outcome(q_tgt, top, second))
+
+    def kld_all(self) -> torch.Tensor:
+        return torch.cat(self.kld)
+
+    def top1_all(self) -> torch.Tensor:
+        return torch.cat(self.top1)
 
     def result(self) -> dict:
         if self.offset != self.ref.positions:
@@ -154,7 +178,32 @@ class DriftAccumulator:
         qs = torch.tensor([p / 100 for p in KLD_PERCENTILES], dtype=torch.float64)
         for p, v in zip(KLD_PERCENTILES, torch.quantile(kld, qs).tolist(), strict=True):
             out[f"kld_p{p:g}".replace(".", "_")] = v
+        out.update(placement(self.ref, kld, torch.cat(self.top1), torch.cat(self.right)))
         return out
+
+
+def outcome(target_logp: torch.Tensor, top: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[N] int8 per position: 1 the actual token is the top-1, 0 it is not, -1 it ties for top-1 with another token
+    (bf16 logits round many near-equal values to one): which of the tied tokens is "the" answer is then a coin flip
+    of the tie-break, so such a position is left out of the flips (qbench.quality.flips)."""
+    is_top = target_logp >= top
+    return torch.where(is_top, torch.where(second >= top, -1, 1), 0).to(torch.int8)
+
+
+def placement(ref: Reference, kld: torch.Tensor, top1: torch.Tensor, right: torch.Tensor, extra=None) -> dict:
+    """Where the drift sits against the floor and the reference's confidence, and the token flips
+    (qbench.quality.breakdown, qbench.quality.flips): the figures the in-process and served paths share."""
+    out = {
+        "by_confidence": breakdown.with_floor(breakdown.by_confidence(ref.topk_logp[:, 0], kld, top1, extra), ref.floor)
+    }
+    ref_right = ref.right()
+    decided = (ref_right >= 0) & (right >= 0)
+    out["flips"] = {"tokens": flips((ref_right[decided] == 1).tolist(), (right[decided] == 1).tolist())}
+    out["flips"]["tokens"]["ties_left_out"] = int((~decided).sum())
+    if ref.floor:
+        out["floor"] = {k: ref.floor[k] for k in ("kld_mean", "kld_err", "same_top1", "procedure")}
+        out["kld_over_floor"] = breakdown.over_floor(float(kld.double().mean()), ref.floor)
+    return out
 
 
 def greedy_agreement(ref: list[list[int]], got: list[list[int]]) -> dict:

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from qbench.quality.drift import KLD_PERCENTILES, Reference
+from qbench.quality.drift import KLD_PERCENTILES, Reference, outcome, placement
 
 # Floor for the served rest mass 1 − Σ_S q. Servers report float32 log-probs; exp-summing k of them in float64 is
 # off by up to k·2^-24 (k ulps of float32 at 1), 2e-6 for k = 32, so a rest mass that is truly ~0 can come out
@@ -59,13 +59,17 @@ def served_drift(ref: Reference, served: list[dict[int, float]]) -> dict:
     q_top = torch.full((n, k), float("nan"), dtype=torch.float64)
     q_tgt = torch.empty(n, dtype=torch.float64)
     q_max = torch.empty(n, dtype=torch.float64)
+    q_second = torch.full((n,), float("-inf"), dtype=torch.float64)
     ids = ref.topk_ids.tolist()
     targets = ref.targets.tolist()
     for i, d in enumerate(served):
         if targets[i] not in d:
             raise ValueError(f"position {i}: the server did not report the log-prob of the actual token {targets[i]}")
         q_tgt[i] = d[targets[i]]
-        q_max[i] = max(d.values())
+        top2 = sorted(d.values(), reverse=True)[:2]
+        q_max[i] = top2[0]
+        if len(top2) > 1:
+            q_second[i] = top2[1]
         q_top[i] = torch.tensor([d.get(t, float("nan")) for t in ids[i]], dtype=torch.float64)
     known = ~q_top.isnan()
     p = ref.topk_logp.double().exp()
@@ -101,6 +105,9 @@ def served_drift(ref: Reference, served: list[dict[int, float]]) -> dict:
     qs = torch.tensor([x / 100 for x in KLD_PERCENTILES], dtype=torch.float64)
     for pct, v in zip(KLD_PERCENTILES, torch.quantile(kld, qs).tolist(), strict=True):
         out[f"kld_p{pct:g}".replace(".", "_")] = v
+    # The bucket rows carry their own coverage: where the server reported less of the reference's top-k, that
+    # bucket's KLD is a looser lower bound. Right = the actual token is the server's top-1.
+    out.update(placement(ref, kld, top1, outcome(q_tgt, q_max, q_second), extra={"coverage_mean": coverage}))
     return out
 
 

@@ -65,23 +65,32 @@ def degenerate_where(tokenizer, greedy: list[list[int]], reference_greedy: list[
     }
 
 
-def addition_accuracy(model, tokenizer, items: list[dict], answer_tokens: int = 4) -> float:
-    """Share of "a+b=" prompts whose greedy answer (up to the first non-digit) equals the sum exactly.
+def addition_answers(model, tokenizer, items: list[dict], answer_tokens: int = 4) -> list[bool]:
+    """Per "a+b=" prompt, in the items' order: whether the greedy answer (up to the first non-digit) equals the sum
+    exactly. Their mean is the addition accuracy; the list, against the reference's, gives the flips.
 
     Prompts of equal token length run as one batch (no padding, so no attention mask to get wrong).
     """
-    encoded = [(tokenizer(it["prompt"], add_special_tokens=False)["input_ids"], it["answer"]) for it in items]
-    correct = 0
-    for _, group in groupby(sorted(encoded, key=lambda e: len(e[0])), key=lambda e: len(e[0])):
+    encoded = [
+        (i, tokenizer(it["prompt"], add_special_tokens=False)["input_ids"], it["answer"]) for i, it in enumerate(items)
+    ]
+    right = [False] * len(items)
+    for _, group in groupby(sorted(encoded, key=lambda e: len(e[1])), key=lambda e: len(e[1])):
         group = list(group)
-        ids = torch.tensor([g[0] for g in group], device=_device(model))
+        ids = torch.tensor([g[1] for g in group], device=_device(model))
         run = greedy_generate(model, ids, answer_tokens)
-        for toks, (_, answer) in zip(run.tokens, group, strict=True):
+        for toks, (i, _, answer) in zip(run.tokens, group, strict=True):
             text = tokenizer.decode(toks)
             digits = ""
             for ch in text:
                 if not ch.isdigit():
                     break
                 digits += ch
-            correct += digits == answer
-    return correct / len(items)
+            right[i] = digits == answer
+    return right
+
+
+def addition_accuracy(model, tokenizer, items: list[dict], answer_tokens: int = 4) -> float:
+    """Share of "a+b=" prompts answered exactly (:func:`addition_answers`)."""
+    right = addition_answers(model, tokenizer, items, answer_tokens)
+    return sum(right) / len(right)

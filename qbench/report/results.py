@@ -35,6 +35,11 @@ def load_results(path: Path) -> dict:
     return data
 
 
+# Workload settings that add figures and change no other (qbench.run.workload.Workload.FIGURES_ONLY): cases with
+# and without them compare, so a results file takes both.
+FIGURES_ONLY = ("noise_floor",)
+
+
 def settings_changed(then: dict, now: dict) -> list[str]:
     """The settings (as options) in which two runs' ``config`` differ, so that their cases would not compare; the
     selection (models, methods) and isolation may differ."""
@@ -42,7 +47,9 @@ def settings_changed(then: dict, now: dict) -> list[str]:
     skip = ("models", "methods", "isolate", "workload")
     changed = [f"--{k.replace('_', '-')}" for k in now if k not in skip and then.get(k) != now[k]]
     then_wl = then.get("workload") or {}
-    changed += [f"workload {k}" for k, v in (now.get("workload") or {}).items() if then_wl.get(k) != v]
+    changed += [
+        f"workload {k}" for k, v in (now.get("workload") or {}).items() if then_wl.get(k) != v and k not in FIGURES_ONLY
+    ]
     return changed
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from qbench.report import drift_detail
+
 STATUS_STYLE = {"pass": "green", "drift": "red", "regression": "red", "error": "bold red", "skipped": "yellow"}
 
 
@@ -41,6 +43,9 @@ def table(results: dict) -> Table:
     moe = _has_routing(results)
     if moe:  # a mixture-of-experts model's routing drift (qbench.quality.routing)
         cols.insert(cols.index("same top1") + 1, "routing changed")
+    floor = _has_floor(results)
+    if floor:  # the KLD as a multiple of the reference's bf16 noise floor (qbench.quality.floor)
+        cols.insert(cols.index("KLD mean") + 1, "× floor")
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "method", "status") else "right")
     for c in results["cases"]:
@@ -48,6 +53,7 @@ def table(results: dict) -> Table:
         peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
         status = c["status"]
         routing = [_num(q.get("routing_changed"), ".4f")] if moe else []
+        over = [_num(q.get("kld_over_floor"), ".1f")] if floor else []
         t.add_row(
             c["model"],
             c["method"] if c.get("compute_dtype") is None else f"{c['method']} ({c['compute_dtype']})",
@@ -55,6 +61,7 @@ def table(results: dict) -> Table:
             _num(q.get("ppl"), ".3f"),
             _num(q.get("ppl_ratio"), ".4f"),
             _num(q.get("kld_mean"), ".5f"),
+            *over,
             _num(q.get("same_top1"), ".3f"),
             *routing,
             _tok_s(perf, "prefill_tok_s"),
@@ -115,6 +122,10 @@ def perf_notes(results: dict) -> list[str]:
     return out
 
 
+def _has_floor(results: dict) -> bool:
+    return any("kld_over_floor" in (c.get("quality") or {}) for c in results["cases"])
+
+
 def _has_routing(results: dict) -> bool:
     return any("routing_changed" in (c.get("quality") or {}) for c in results["cases"])
 
@@ -128,21 +139,30 @@ def markdown(results: dict) -> str:
         "",
         "libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
         "",
-        "| model | method | weights MB | ppl | ppl ratio | KLD mean | KLD p99 | same top1 | "
+        "| model | method | weights MB | ppl | ppl ratio | KLD mean | "
+        + ("× floor | " if (floor := _has_floor(results)) else "")
+        + "KLD p99 | same top1 | "
         + ("routing changed | " if (moe := _has_routing(results)) else "")
         + "prefill tok/s | decode tok/s | peak MB | status |",
-        "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if moe else "") + "--:|--:|--:|---|",
+        "|---|---|--:|--:|--:|--:|"
+        + ("--:|" if floor else "")
+        + "--:|--:|"
+        + ("--:|" if moe else "")
+        + "--:|--:|--:|---|",
     ]
     for c in results["cases"]:
         q, perf, mem = c.get("quality", {}), c.get("perf", {}), c.get("memory", {})
         peak = max(mem.get("peak_load_bytes") or 0, mem.get("peak_run_bytes") or 0) or None
         routing = f" {_num(q.get('routing_changed'), '.4f')} |" if moe else ""
+        over = f" {_num(q.get('kld_over_floor'), '.1f')} |" if floor else ""
         lines.append(
             f"| {c['model']} | {c['method']} | {_mb(c.get('footprint', {}).get('weights_bytes'))} "
-            f"| {_num(q.get('ppl'), '.3f')} | {_num(q.get('ppl_ratio'), '.4f')} | {_num(q.get('kld_mean'), '.5f')} "
-            f"| {_num(q.get('kld_p99'), '.4f')} | {_num(q.get('same_top1'), '.3f')} |{routing}"
+            f"| {_num(q.get('ppl'), '.3f')} | {_num(q.get('ppl_ratio'), '.4f')} "
+            f"| {_num(q.get('kld_mean'), '.5f')} |{over}"
+            f" {_num(q.get('kld_p99'), '.4f')} | {_num(q.get('same_top1'), '.3f')} |{routing}"
             f" {_tok_s(perf, 'prefill_tok_s')} | {_tok_s(perf, 'decode_tok_s')} | {_mb(peak)} | {c['status']} |"
         )
     reasons = [f"- `{c['id']}`: {r}" for c in results["cases"] for r in c.get("reasons", [])]
     reasons += [f"- {line}" for line in perf_notes(results)]
-    return "\n".join(lines + ([""] + reasons if reasons else [])) + "\n"
+    detail = drift_detail.confidence_table(results) + drift_detail.flips_table(results)
+    return "\n".join(lines + ([""] + reasons if reasons else []) + detail) + "\n"

@@ -17,6 +17,7 @@ from qbench.judge.verdict import (
     FAILING,
     REGRESSION,
     fingerprint_mismatches,
+    flip_gate,
     integrity_gate,
     judge,
     libraries_changed,
@@ -44,6 +45,8 @@ def baseline_record(case: Case, ctx: ModelContext, m: dict) -> dict:
         "addition_accuracy",
         "routing_changed",  # MoE models only (qbench.quality.routing)
         "routing_overlap",
+        "by_confidence",  # where the drift sat (qbench.quality.breakdown): a regression's reason says what moved
+        "flips",  # answers lost and gained against the reference (qbench.quality.flips), gated against the baseline's
     )
     return {
         "schema": store.SCHEMA,
@@ -123,6 +126,8 @@ def judge_case(case: Case, ctx: ModelContext, m: dict, cfg: RunConfig) -> tuple[
     refused = fingerprint_mismatches(ctx.fingerprints, baseline["fingerprints"])
     r_reasons = [] if refused else regression_gate(m, baseline, label, same_kernels)
     info["compared"] = not refused
+    if not refused and (flip_notes := flip_gate(m["quality"], baseline["quality"], label)[1]):
+        info["flips_notes"] = flip_notes  # the flip sets this comparison could not gate, and why
     info["same_kernels"] = same_kernels  # which bounds judged it: the same-kernel ones or the cross-kernel ones
     if note := kernels_note(baseline.get("kernels"), record["kernels"]):
         info["kernels_note"] = note

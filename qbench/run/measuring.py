@@ -26,6 +26,7 @@ from qbench.models.roles import decoder_layers
 from qbench.quality import layers as layer_errors
 from qbench.quality import tasks
 from qbench.quality.drift import DriftAccumulator, greedy_agreement, iter_logprobs
+from qbench.quality.flips import flips
 from qbench.quality.routing import record_routing, routing_drift
 from qbench.run.context import ModelContext, Progress
 from qbench.run.devices import check_plan, device_plan, load_model, observed_placement, release_memory
@@ -112,7 +113,10 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
             errors = layer_errors.layer_errors(model, quantized, ctx.path, first_window)
             quality.update(layer_errors.summarize(errors))
         if ctx.prompts.get("addition"):
-            quality["addition_accuracy"] = tasks.addition_accuracy(model, ctx.tokenizer, ctx.prompts["addition"])
+            right = tasks.addition_answers(model, ctx.tokenizer, ctx.prompts["addition"])
+            quality["addition_accuracy"] = sum(right) / len(right)
+            if ctx.reference.addition is not None:  # a reference stored before qbench kept its answers has none
+                quality["flips"]["additions"] = flips(ctx.reference.addition, right)
     score_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from qbench.errors import UsageError
 from qbench.judge import reference as stored_reference
 from qbench.quality import tasks
 from qbench.quality.drift import NonFiniteReference, Reference, build_reference, iter_logprobs
+from qbench.quality.floor import noise_floor
 from qbench.quality.routing import record_routing
 from qbench.run.context import ModelContext, Progress
 from qbench.run.devices import device_plan, load_model, release_memory
@@ -72,6 +73,7 @@ def _memo_key(ctx: ModelContext, cfg: RunConfig, method) -> tuple:
         torch.get_num_threads(),
         cfg.workload.window,
         cfg.workload.top_k,
+        cfg.workload.noise_floor,
     )
 
 
@@ -118,5 +120,26 @@ def _score(ctx: ModelContext, cfg: RunConfig, progress: Progress, method) -> Non
     ctx.reference.routing, ctx.reference.routing_layers = routes.result(), routes.layers or None
     check_reference(ctx.reference)  # before anything is measured against it, or saved
     ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
+    if ctx.prompts.get("addition"):
+        ctx.reference.addition = tasks.addition_answers(model, ctx.tokenizer, ctx.prompts["addition"])
+    if cfg.workload.noise_floor:
+        ctx.reference.floor = _floor(ctx, cfg, progress, method, model, plan)
     del model
     release_memory()
+
+
+def _floor(ctx: ModelContext, cfg: RunConfig, progress: Progress, method, model, plan) -> dict:
+    """The reference's bf16 noise floor (qbench.quality.floor), on the reference model itself when it computes in
+    bf16, else on the same checkpoint loaded again in bf16."""
+    wl = cfg.workload
+    progress(
+        f"{ctx.name} reference", f"noise floor: scoring {ctx.eval_ids.numel() - 1} positions with bf16 rounding noise"
+    )
+    if method.default_compute_dtype == "bf16":
+        return noise_floor(model, ctx.eval_ids, wl.window, ctx.reference, wl.top_k)
+    bf16 = methods.get("bf16")
+    floor_model = load_model(bf16, ctx.reference_path, cfg.device, "bf16", plan)
+    try:
+        return noise_floor(floor_model, ctx.eval_ids, wl.window, None, wl.top_k)
+    finally:
+        del floor_model

@@ -29,9 +29,14 @@ class Workload:
     new_tokens: int = field(default=32, metadata={"help": "tokens generated per speed run (exactly)"})
     repeat: int = field(default=5, metadata={"help": "timed speed runs"})
     warmup: int = field(default=1, metadata={"help": "untimed speed runs before them"})
+    # One more scoring pass of the reference (qbench.quality.floor); it adds figures and gates nothing, so it is not in
+    # the fingerprint: a reference made without it is still comparable, it only lacks the floor.
+    noise_floor: bool = field(default=True, metadata={"help": "measure the reference's bf16 noise floor"})
 
     # Settings of the speed test only: they do not change any quality number, so not the fingerprint either.
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("contexts", "batches", "new_tokens", "repeat", "warmup")
+    # Settings that add figures without changing any other: not in the fingerprint either.
+    FIGURES_ONLY: ClassVar[tuple[str, ...]] = ("noise_floor",)
     # The fields JSON cannot hold as they are: paths (held as strings) and sweeps (held as lists).
     PATHS: ClassVar[tuple[str, ...]] = ("eval_text", "prompts")
     SWEEPS: ClassVar[tuple[str, ...]] = ("contexts", "batches")
@@ -81,7 +86,11 @@ class Workload:
         h = hashlib.sha256()
         h.update(self.eval_text.read_bytes())
         h.update(self.prompts.read_bytes())
-        settings = {k: v for k, v in asdict(self).items() if k not in ("eval_text", "prompts", *self.SPEED_ONLY)}
+        settings = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("eval_text", "prompts", *self.SPEED_ONLY, *self.FIGURES_ONLY)
+        }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 

@@ -4,14 +4,12 @@ with the drift verdict's reason. The server is tests/test_endpoint.py's fake (gl
 
 from __future__ import annotations
 
-import shutil
 import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
 from test_endpoint import NAME, Fake, handler_for
-
-from qbench.judge.store import default_root
+from workloads import SHORT
 
 pytest_plugins = ["pytester"]
 
@@ -32,12 +30,20 @@ def server():
     httpd.server_close()
 
 
-@pytest.mark.slow  # two served cases on the default workload (the stored reference's): ~10 s each on 2 idle cores
+# The short workload (tests/workloads.py) as [tool.qbench.workload]: the served runs score 254 positions, not 4,064.
+WORKLOAD = "[tool.qbench.workload]\n" + "".join(
+    f"{k} = {list(v) if isinstance(v, tuple) else v}\n" for k, v in SHORT.items()
+)
+
+
 def test_a_served_model_is_gated_against_the_stored_reference(pytester, server):
     fake, url = server
-    baselines = pytester.path / "baselines"
-    shutil.copytree(default_root() / NAME / "reference-bf16", baselines / NAME / "reference-bf16")
     gate = ["--pyargs", "qbench.gate", "-v", "-p", "no:cacheprovider"]
+    # The reference the served model is judged against, recorded by the gate's own baseline update.
+    pytester.makepyprojecttoml(f'[tool.qbench]\nmodels = ["{NAME}"]\nmethods = ["bf16"]\n' + WORKLOAD)
+    r = pytester.runpytest_inprocess(*gate, "--qbench-update-baselines")
+    assert r.ret == 0, "\n".join(r.outlines)
+    assert (pytester.path / "baselines" / NAME / "reference-bf16" / "cpu" / "reference.json").is_file()
 
     fake.fault = None
     served = ["--qbench-endpoint", url, "--qbench-served-model", NAME]
@@ -47,7 +53,8 @@ def test_a_served_model_is_gated_against_the_stored_reference(pytester, server):
 
     # The same served model from [tool.qbench], its server now adding noise to every logit (a broken kernel).
     pytester.makepyprojecttoml(
-        f'[tool.qbench]\n[[tool.qbench.endpoints]]\nurl = "{url}"\nmodel = "{NAME}"\nconcurrency = [1]\nrequests = 2\n'
+        f'[tool.qbench]\n{WORKLOAD}[[tool.qbench.endpoints]]\nurl = "{url}"\nmodel = "{NAME}"\nconcurrency = [1]\n'
+        "requests = 2\n"
     )
     fake.fault = "perturb"
     try:

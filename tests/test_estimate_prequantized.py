@@ -147,13 +147,89 @@ def test_gptq_without_a_quantization_config_is_sized_with_the_shipped_checkpoint
     assert plain["weights_bytes"] == explicit["weights_bytes"]
 
 
-def test_mixture_of_experts_is_refused(tmp_path):
+# A glm4_moe config small enough to count by hand, its sizes chosen off the 128 x 128 block so that every ceil and
+# the fused gate_up's two-scale-row minimum matter: hidden 160 (2 blocks), 2 heads x 40 and 1 KV head, a dense first
+# layer (intermediate 200) and one MoE layer (4 experts of width 48, one shared expert), untied 256-token vocabulary.
+TINY_MOE = {"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": 160,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 40, "attention_bias": False,
+            "intermediate_size": 200, "moe_intermediate_size": 48, "n_routed_experts": 4, "n_shared_experts": 1,
+            "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+            "num_hidden_layers": 2, "num_nextn_predict_layers": 1, "vocab_size": 256, "tie_word_embeddings": False,
+            "use_qk_norm": False, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "partial_rotary_factor": 0.5}}  # fmt: skip
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    out = tmp_path / "config.json"
+    out.write_text(json.dumps(cfg), encoding="utf-8")
+    return out
+
+
+def test_fp8_moe_is_counted_role_by_role_as_by_hand(tmp_path):
+    """Every role of TINY_MOE as a fine-grained FP8 checkpoint loads in transformers 5.25 (FP8Linear / FP8Experts,
+    qbench/methods/prequantized_sizing.py): float8 weights 1 byte each, fp32 scales 4 bytes per 128 x 128 block
+    (ceil-divided), the rest in bf16 (2 bytes) but the router, kept fp32. The MTP layer (num_nextn_predict_layers)
+    is not counted: transformers drops model.layers.2.* on load, so the loaded model has none."""
+    e = est.estimate(write(tmp_path, TINY_MOE | {"quantization_config": FP8}), "fp8", max_memory=2**50)
+    roles = {r: v["bytes"] for r, v in e["roles"].items()}
+    s = 4  # one fp32 scale
+    # attention, 2 layers: q [80, 160] and o [160, 80]: 80*160 weights, 1 x 2 and 2 x 1 blocks; k, v [40, 160]: 1 x 2
+    attention = 2 * (2 * (80 * 160 + 2 * s) + 2 * (40 * 160 + 2 * s))
+    # dense layer 0: gate, up [200, 160] (2 x 2 blocks), down [160, 200] (2 x 2)
+    dense = 3 * (200 * 160 + 4 * s)
+    # shared expert of layer 1 (width 48 x 1 shared): gate, up [48, 160] (1 x 2 blocks), down [160, 48] (2 x 1)
+    shared = 3 * (48 * 160 + 2 * s)
+    # routed experts of layer 1, fused: gate_up [4, 96, 160]: ceil(96/128) = 1 scale row, raised to 2 (one for gate,
+    # one for up: _alloc_expert_proj's min_sf_out=2) x 2 columns; down [4, 160, 48]: 2 x 1 blocks per expert
+    routed = 4 * (96 * 160 + 2 * 2 * s) + 4 * (160 * 48 + 2 * 1 * s)
+    assert roles == {
+        "embeddings": 256 * 160 * 2,
+        "attention": attention,
+        "dense_mlp": dense,
+        "shared_experts": shared,
+        "routed_experts": routed,
+        "router": 4 * 160 * 4 + 4 * 4,  # mlp.gate.weight [4, 160] and e_score_correction_bias [4], fp32
+        "norms": (2 * 2 + 1) * 160 * 2,  # input/post-attention norms per layer + the final norm, bf16
+        "lm_head": 256 * 160 * 2,  # kept in bf16: no modules_to_not_convert, so transformers skips lm_head
+        "other": 2 * 10 * 4,  # rotary inv_freq and original_inv_freq, fp32 [40 * 0.5 / 2]
+    }
+    assert e["weights_bytes"] == sum(roles.values())
+    assert e["roles"]["routed_experts"]["formats"] == {"fp8": routed}
+    assert e["roles"]["router"]["formats"] == {"float32": roles["router"]}
+    assert e["quantized_fused_experts"] == 2 and e["left_full_precision"] == {}
+    # experts named in modules_to_not_convert stay in bf16 (transformers' should_convert_module on mlp.experts)
+    skip = FP8 | {"modules_to_not_convert": ["lm_head", "mlp.experts"]}
+    kept = est.estimate(write(tmp_path, TINY_MOE | {"quantization_config": skip}), "fp8", max_memory=2**50)
+    assert kept["roles"]["routed_experts"]["bytes"] == 4 * (96 * 160 + 160 * 48) * 2
+    assert kept["roles"]["routed_experts"]["formats"] == {"bfloat16": 4 * (96 * 160 + 160 * 48) * 2}
+
+
+@pytest.mark.parametrize("base", ["tiny", "glm4-moe-tiny"])
+def test_fp8_moe_equals_transformers_own_fp8_model(tmp_path, base):
+    """The estimate against the parameters transformers itself makes: its FP8 quantizer's module swap
+    (FineGrainedFP8HfQuantizer, FP8Linear / FP8Experts) run on the meta model, every parameter and buffer summed."""
+    from transformers import FineGrainedFP8Config
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
     from qbench.models import zoo
 
-    cfg = json.loads((zoo.resolve("glm4-moe-tiny") / "config.json").read_text(encoding="utf-8"))
-    (tmp_path / "config.json").write_text(json.dumps(cfg | {"quantization_config": FP8}), encoding="utf-8")
-    with pytest.raises(UsageError, match="mixture of experts"):
-        est.estimate(tmp_path / "config.json", "fp8", max_memory=2**50)
+    cfg = TINY_MOE if base == "tiny" else json.loads((zoo.resolve(base) / "config.json").read_text(encoding="utf-8"))
+    config = est.load_config(cfg)
+    model = est.meta_model(config, "bf16")
+    quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=[128, 128]), pre_quantized=True)
+    quantizer._process_model_before_weight_loading(model)
+    theirs = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert (
+        est.estimate(write(tmp_path, cfg | {"quantization_config": FP8}), "fp8", max_memory=2**50)["weights_bytes"]
+        == theirs
+    )
+
+
+@pytest.mark.parametrize(("method", "qc"), [("gptq", GPTQ), ("awq", AWQ)])
+def test_gptq_and_awq_mixtures_of_experts_are_refused(tmp_path, method, qc):
+    with pytest.raises(UsageError, match="mixture of experts; the estimate models quantized experts for fp8"):
+        est.estimate(write(tmp_path, TINY_MOE | {"quantization_config": qc}), method, max_memory=2**50)
 
 
 @needs_gptq_checkpoint

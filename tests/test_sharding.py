@@ -57,6 +57,32 @@ def test_glm45_air_fp8_at_tp2_names_the_experts_1408_and_exits_1(capsys, air_fp8
     assert not [f for f in t["failures"] if f["role"] == "attention"]
 
 
+def test_glm45_air_fp8_per_rank_bytes_at_tp2(capsys, air_fp8):
+    """The FP8 size model covers glm4_moe, so TP 2 gives bytes per rank, and still exit 1 for the blocks that do not
+    divide. Rule (qbench/measure/sharding.py, vLLM/SGLang's Megatron-style split, their FusedMoE splitting each
+    expert's gate_up rows and down columns along moe_intermediate_size): at TP 2 every split dimension of Air halves
+    exactly (96 heads, 8 KV heads, 10944 and 1408 rows, 151552 vocabulary rows = 2368 x 64), so a rank holds half of
+    every sharded role (embeddings, attention, dense_mlp, shared/routed experts, lm_head; a tensor's block scales
+    with it) and the replicated roles (router, norms, rotary buffers) whole."""
+    r = run_cli(capsys, "estimate", "--model", str(air_fp8), "--method", "fp8", "--tensor-parallel", "2",
+                "--max-memory", BIG, "--json")  # fmt: skip
+    assert r.code == 1, r.out + r.err
+    e = json.loads(r.out)
+    t = e["tensor_parallel"]
+    assert t["bytes_refused"] is None and not t["divides"]
+    assert {f["role"] for f in t["failures"]} == {"dense_mlp", "shared_experts", "routed_experts"}
+    whole = {role: row["bytes"] for role, row in e["roles"].items()}
+    # by hand from glm-4.5-air.json: per expert gate_up [2816, 4096] float8 + 22 x 32 fp32 block scales, down
+    # [4096, 1408] + 32 x 11; 128 experts in 45 MoE layers (46 - first_k_dense_replace 1)
+    per_expert = 2816 * 4096 + 22 * 32 * 4 + 4096 * 1408 + 32 * 11 * 4
+    assert whole["routed_experts"] == 45 * 128 * per_expert == 99_680_993_280
+    assert t["roles"]["routed_experts"] == 45 * 128 * per_expert // 2
+    replicated = ("router", "norms", "other")
+    assert t["roles"] == {role: b if role in replicated else b // 2 for role, b in whole.items()}
+    assert t["replicated_bytes"] == sum(whole[role] for role in replicated)
+    assert t["rank_bytes"] == (e["weights_bytes"] - t["replicated_bytes"]) // 2 + t["replicated_bytes"]
+
+
 def test_the_fp8_hook_reads_weight_block_size(air_shapes):
     config, _ = air_shapes
     fp8 = methods.get("fp8")

@@ -36,7 +36,10 @@ out for the method analytically. The peak is the sum of
   - compressed-tensors (``ct-w4a16``, ``ct-w8a8``; a checkpoint's own ``quantization_config`` when it has one, see
     :mod:`qbench.methods.ct_sizing`): pack-quantized ``out * ceil(in * bits/32)`` int32 + scale per group in
     the compute dtype + 16 B ``weight_shape``; int-quantized ``n`` int8 + scale per row; kept packed while running.
-  - everything else (embeddings, norms, biases, lm_head, MoE router and fused experts) in the compute dtype;
+  - fine-grained FP8 checkpoints (``fp8``): ``n`` float8 + fp32 scale per ``weight_block_size`` block, the fused
+    experts too (:mod:`qbench.methods.prequantized_sizing`); GPTQ/AWQ per that module's docstring.
+  - everything else (embeddings, norms, biases, lm_head, MoE router and, but for FP8 checkpoints and bitsandbytes,
+    the fused experts) in the compute dtype;
     buffers in their own dtype (RoPE ``inv_freq`` is fp32).
 
   Which linears a method quantizes is decided the way loading decides it: for bitsandbytes by transformers' own
@@ -137,12 +140,23 @@ from qbench.measure.weights import (  # noqa: F401
     meta_model,
     quantized_linear_bytes,
     weight_format,
-    weight_table,
 )
+from qbench.measure.weights import weight_table as _weight_table
 from qbench.models.roles import decoder_layers
 
 SCHEMA = "qbench.estimate/1"
 DEFAULT_CONTEXT, DEFAULT_BATCH, DEFAULT_NEW_TOKENS = 128, 1, 32  # qbench.run.workload.Workload's defaults
+
+
+def weight_table(config, fmt: WeightFormat) -> WeightTable:
+    """:func:`qbench.measure.weights.weight_table`, with the fused expert parameters of a pre-quantized checkpoint
+    whose layout stores them quantized (fine-grained FP8: ``FP8Experts``) sized as it stores them (the layout's
+    ``with_fused_experts``, :mod:`qbench.methods.prequantized_sizing`). The estimate, the device-map plan and the
+    tensor-parallel pre-flight all size weights through this."""
+    table = _weight_table(config, fmt)
+    layout = methods.get(fmt.method).prequantized_layout(config, fmt)
+    sized = getattr(layout, "with_fused_experts", None)
+    return table if sized is None else sized(table, decoder_layers(config))
 
 
 def check_workload(context: int, batch: int, new_tokens: int) -> None:
@@ -257,7 +271,7 @@ def estimate(
         "generation_path": GENERATION_PATHS[keep_logits],
         "parameters": sum(t.numel for t in tensors if t.kind != "buffer"),
         "quantized_linears": len(table.quantized),
-        "quantized_fused_experts": len(table.fused),  # 3-D expert tensors quantized whole (bitsandbytes 4-bit)
+        "quantized_fused_experts": len(table.fused),  # 3-D expert tensors quantized (bitsandbytes 4-bit, FP8)
         "weights_bytes": weights,
         "weights": {
             "quantized": sum(t.nbytes - t.side_bytes for t in tensors if t.kind == "quantized"),

@@ -26,8 +26,10 @@ rank's rows (per part, for gate and up) a multiple of the row block, a row-paral
 column block. That is vLLM's own check for block FP8 (``validate_fp8_block_shape``, FusedMoE's "The output_size of
 gate's and up's weight = 704 is not divisible by weight quantization block_n = 128"), the failure GLM-4.5-Air-FP8 hit
 at TP 4 in vLLM and SGLang (zai-org/GLM-4.5#23). The tensors held in those blocks: those the weight table stores
-quantized and, for a checkpoint with a ``quantization_config``, the routed experts' fused tensors too (the checkpoint
-stores them quantized per expert and a serving engine keeps them so, even where transformers' loading does not).
+quantized (a fine-grained FP8 checkpoint's fused experts among them, sized as transformers' ``FP8Experts`` holds
+them: :meth:`qbench.methods.prequantized_sizing.Prequantized.expert_bytes`) and, for a checkpoint with a
+``quantization_config``, the routed experts' fused tensors too (the checkpoint stores them quantized per expert and a
+serving engine keeps them so, even where transformers' loading does not).
 
 Only split dimensions are checked: at TP 1 nothing is split and everything divides.
 """
@@ -37,7 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qbench.errors import UsageError
-from qbench.measure.weights import WeightTable, load_config, weight_format, weight_table
+from qbench.measure.estimate import weight_table
+from qbench.measure.weights import WeightTable, load_config, weight_format
 from qbench.models.roles import QUANTIZABLE, ROLES, decoder_layers, role_of
 
 # vLLM's DEFAULT_VOCAB_PADDING_SIZE (vllm/model_executor/layers/vocab_parallel_embedding.py), SGLang's the same: the

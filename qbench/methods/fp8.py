@@ -41,7 +41,8 @@ class FineGrainedFP8(Prequantized):
     checkpoint_kind = "fine-grained FP8"
     library = KERNELS
     # transformers 5.25 swaps a MoE's experts for FP8Experts (integrations/finegrained_fp8.py), which keep the fused
-    # expert weights in FP8 with block scales, on CUDA (or XPU) only; not yet in the size model nor measured on a GPU.
+    # expert weights in FP8 with block scales, on CUDA (or XPU) only; the size model counts them so
+    # (prequantized_sizing.Prequantized.expert_bytes); not yet measured on a GPU.
     experts_why = (
         "on CUDA transformers' FP8Experts keep them in FP8 (its kernel, kernels-community/finegrained-fp8, must be in "
         "the local hub cache); qbench has not yet measured that path on a GPU"
@@ -76,11 +77,11 @@ class FineGrainedFP8(Prequantized):
 
     def shard_blocks(self, fmt, config) -> tuple[int, int] | None:
         # The checkpoint's weight_block_size [rows, columns], read here rather than through prequantized_layout, which
-        # refuses a MoE config (its size model covers dense GLMs) though the blocks are the same; null: one scale per
-        # tensor, no blocks.
+        # refuses a config without a quantization_config (the split's shapes are still checked); absent: [128, 128],
+        # FineGrainedFP8Config's default; null: one scale per tensor, no blocks.
         qc = getattr(config, "quantization_config", None)
         qc = qc if qc is None or isinstance(qc, dict) else qc.to_dict()
-        block = (qc or {}).get("weight_block_size")
+        block = (qc or {}).get("weight_block_size", (128, 128))
         return None if block is None else (int(block[0]), int(block[1]))
 
     def quantized_modules(self, model) -> list[str]:

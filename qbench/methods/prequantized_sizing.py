@@ -15,8 +15,16 @@ Per quantized ``[out, in]`` linear, ``groups = ceil(in / group_size)`` (one grou
   int32 ``[in, ceil(out/pf)]`` (packed along the output), ``qzeros`` int32 ``[in/group, ceil(out/pf)]``, ``scales``
   fp16 ``[in/group, out]``; no ``g_idx``.
 * fine-grained FP8 (transformers' ``FP8Linear``): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale_inv`` fp32
-  ``[ceil(out/b0), ceil(in/b1)]`` for ``weight_block_size = [b0, b1]`` (one 0-d fp32 scale when it is null), plus a
-  0-d fp32 ``activation_scale`` when ``activation_scheme`` is ``static``.
+  ``[ceil(out/b0), ceil(in/b1)]`` for ``weight_block_size = [b0, b1]`` (one 0-d fp32 scale when it is null; [128,
+  128] when the key is absent, ``FineGrainedFP8Config``'s default), plus a 0-d fp32 ``activation_scale`` when
+  ``activation_scheme`` is ``static``. A MoE's routed experts (``mlp.experts``, transformers 5.25's fused 3-D
+  parameters) become ``FP8Experts`` (``integrations/finegrained_fp8.py``, ``_alloc_expert_proj``): ``gate_up_proj``
+  float8 ``[E, 2I, H]`` with ``gate_up_proj_scale_inv`` fp32 ``[E, max(ceil(2I/b0), 2), ceil(H/b1)]`` (at least two
+  scale rows: one for gate, one for up), ``down_proj`` float8 ``[E, H, I]`` with ``down_proj_scale_inv`` fp32 ``[E,
+  ceil(H/b0), ceil(I/b1)]`` (null block: ``[E, 2, 1]`` and ``[E, 1, 1]``), plus fp32 ``[E]`` activation scales per
+  projection when static. The router (``mlp.gate``, not an ``nn.Linear``) and its ``e_score_correction_bias`` are
+  never converted and stay fp32 (``Glm4MoeForCausalLM._keep_in_fp32_modules_strict``); shared experts, the dense
+  layer's MLP and attention are ``nn.Linear``, so ``FP8Linear``. GPTQ and AWQ MoE checkpoints are not modelled.
 
 Which linears are quantized: every ``nn.Linear`` except the output embedding (lm_head; GPTQModel's ``lm_head=False``,
 transformers' default skip for AWQ and FP8) and the modules ``modules_to_not_convert`` names; a GPTQ config with
@@ -34,9 +42,10 @@ the scales are cast to the compute dtype (the same bytes as fp16 in bf16/fp16, t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qbench.errors import UsageError
+from qbench.models.roles import ROUTED_EXPERTS, is_fused_expert, role_of
 
 PACK_BITS = 32  # int32 words: GPTQModel's default pack_dtype, the only one transformers' GPTQ/AWQ loaders read
 SCALE_BYTES = 2  # fp16 scales (GPTQ and AWQ)
@@ -111,6 +120,41 @@ class Prequantized:
             return qweight, groups * -(-out_features // per_word) * word + groups * out_features * SCALE_BYTES
         raise ValueError(f"{self.scheme}: not a pre-quantized scheme")
 
+    def expert_bytes(self, leaf: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(bytes of the float8 weight, bytes of its fp32 scales) of one fused FP8 expert parameter ``leaf``
+        (``gate_up_proj`` [E, 2I, H] or ``down_proj`` [E, H, I]) as transformers' ``FP8Experts`` allocates it."""
+        experts, out_features, in_features = shape
+        min_rows = 2 if leaf == "gate_up_proj" else 1  # _alloc_expert_proj(min_sf_out=2) for the fused gate_up
+        if self.block_size is None:
+            rows, cols = min_rows, 1
+        else:
+            rows = max(-(-out_features // self.block_size[0]), min_rows)
+            cols = -(-in_features // self.block_size[1])
+        scales = experts * (rows * cols + int(self.static_activation))  # + one activation scale per expert
+        return experts * out_features * in_features, scales * FP8_SCALE_BYTES
+
+    def with_fused_experts(self, table, layers: int | None):
+        """``table`` (a :class:`qbench.measure.weights.WeightTable`) with the fused expert parameters this FP8
+        checkpoint stores quantized sized as ``FP8Experts`` holds them (:meth:`expert_bytes`); unchanged for the other
+        schemes (their MoE checkpoints are refused by :func:`from_config`) and for experts ``modules_to_not_convert``
+        names (they stay in the compute dtype, as the table has them)."""
+        if self.scheme != "fp8":
+            return table
+        tensors, fused = [], dict(table.fused)
+        for t in table.tensors:
+            module, _, leaf = t.name.rpartition(".")
+            if (
+                t.kind == "param"
+                and is_fused_expert(t.name, t.shape, layers)
+                and role_of(t.name, layers) == ROUTED_EXPERTS
+                and self.quantizes(module, False)
+            ):
+                data, side = self.expert_bytes(leaf, t.shape)
+                t = replace(t, nbytes=data + side, kind="quantized", side_bytes=side, storage="fp8")
+                fused[t.name] = (t.shape[0] * t.shape[1], t.shape[2])
+            tensors.append(t)
+        return replace(table, tensors=tensors, fused=fused)
+
     def shard_blocks(self) -> tuple[int, int] | None:
         """(rows, columns) per block a tensor-parallel split must keep whole (Method.shard_blocks): FP8's
         weight_block_size; GPTQ/AWQ: the int32 packing along the output (32 / bits rows) and the group along the
@@ -143,16 +187,29 @@ def from_config(scheme: str, config, where: str = "the model", default: dict | N
             f"--method {scheme}: {where}'s quantization_config is quant_method {method!r}, not {scheme}; pass a "
             f"{scheme} checkpoint or the method that reads this one"
         )
-    if getattr(config, "n_routed_experts", None):
+    moe = bool(getattr(config, "n_routed_experts", None))
+    if moe and scheme != "fp8":
         raise UsageError(
-            f"--method {scheme}: the estimate covers dense GLMs; {where} is a mixture of experts, whose quantized "
-            "experts' layout it does not model"
+            f"--method {scheme}: {where} is a mixture of experts; the estimate models quantized experts for fp8 "
+            f"checkpoints only (transformers' FP8Experts), not how {scheme}'s experts are stored once loaded"
         )
     skip = tuple(qc.get("modules_to_not_convert") or ())
     if scheme == "fp8":
-        block = qc.get("weight_block_size")
+        # FineGrainedFP8Config's default when the key is absent; an explicit null means one scale per tensor
+        block = qc.get("weight_block_size", (128, 128))
         if qc.get("dequantize"):
             raise UsageError(f"--method fp8: {where}'s quantization_config says dequantize; it loads as bf16, not FP8")
+        for key, covered in (("scale_fmt", "float"), ("expert_dtype" if moe else "", "fp8")):
+            if key and str(qc.get(key) or covered).lower() != covered:
+                raise UsageError(
+                    f"--method fp8: {where}'s quantization_config has {key} {qc[key]!r}; the estimate covers "
+                    f"{key} {covered!r} (fp32 block scales, float8 experts)"
+                )
+        if qc.get("modules_to_convert"):
+            raise UsageError(
+                f"--method fp8: {where}'s quantization_config converts {qc['modules_to_convert']!r} (FP8 embeddings); "
+                "the estimate covers FP8 linears and experts only"
+            )
         return Prequantized(
             "fp8",
             8,

@@ -21,11 +21,27 @@ compute dtype.
 
 Not offered: the CPU int8-activation/int4-weight kernel (``da8w4_linear_cpu``) is not in torchao 0.18's PyPI
 wheel, which carries CUDA extensions only.
+
+MoE models (issue 23): transformers 5 keeps a layer's routed experts as two fused 3-D parameters
+(``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]), not as ``nn.Linear`` modules, so
+``TorchAoConfig`` leaves them in the compute dtype. ``torchao-int8wo`` and ``torchao-fp8wo`` then quantize them with
+torchao's own parameter-level config (``quantize_(model, FqnToConfig({param fqn: config}))``, the same config as the
+linears: an ``Int8Tensor`` / ``Float8Tensor`` [E, out, in] with one fp32 scale per expert and output row) and run
+the experts with transformers' ``eager`` implementation: torchao 0.18's tensors implement neither ``aten.transpose``
+(``grouped_mm``, transformers' default) nor ``aten.bmm`` (``batched_mm``). The eager loop indexes one expert's matrix
+(``gate_up_proj[i]``), a view of the tensor subclass, and under ``torch.inference_mode`` (qbench's scoring and timing)
+autograd cannot give that view the parameter's version counter (``RuntimeError: Cannot set version_counter for
+inference tensor``), so :func:`inference_mode_safe` runs the experts' forward outside inference mode, still without
+grad: the same logits. A model without fused experts (glm-tiny) is loaded exactly as before. ``torchao-int4wo`` leaves
+them: ``PrototypeInt4WeightOnlyConfig`` takes no parameter-level config (torchao 0.18 raises "does not yet support
+parameter quantization", pytorch/ao#3252).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 from typing import ClassVar
 
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
@@ -68,20 +84,65 @@ def _drop_import_noise() -> None:
 _drop_import_noise()
 
 
+def fused_expert_params(model) -> list[str]:
+    """Names of the fused 3-D expert parameters of ``model`` still in a floating-point dtype and loaded (not on the meta
+    device, as a disk-offloaded one is; left, it is named by the integrity check); none in a dense model."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    from qbench.models.roles import decoder_layers, is_fused_expert
+
+    layers = decoder_layers(model.config)
+    return [
+        n
+        for n, p in model.named_parameters()
+        if is_fused_expert(n, p.shape, layers)
+        and p.is_floating_point()
+        and p.device.type != "meta"
+        and not is_traceable_wrapper_subclass(p)
+    ]
+
+
+@functools.cache
+def _inference_mode_safe(cls: type) -> type:
+    """A subclass of the experts module ``cls`` whose forward leaves ``torch.inference_mode`` (keeping grad off)."""
+    import torch
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return super(safe, self).forward(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return super(safe, self).forward(*args, **kwargs)
+
+    safe = type(f"InferenceModeSafe{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    return safe
+
+
+def inference_mode_safe(model, owners: set[str]) -> list[str]:
+    """Make the modules of ``model`` named in ``owners`` (the holders of torchao-quantized fused experts) run their
+    forward outside ``torch.inference_mode`` (see the module's docstring); returns their names."""
+    changed = []
+    for name, module in model.named_modules():
+        if name in owners and not type(module).__name__.startswith("InferenceModeSafe"):
+            safe = _inference_mode_safe(type(module))
+            module.__class__ = safe
+            if hasattr(module, "_old_forward"):  # an accelerate hook kept the old bound forward: call the new one
+                module._old_forward = types.MethodType(safe.forward, module)
+            changed.append(name)
+    return changed
+
+
 class _TorchAo(Method):
     family = "torchao"
     distribution = "torchao"
-    # Found with torchao 0.18 on CPU (issue 23): TorchAoConfig(FqnToConfig({"re:...mlp.experts.(gate_up_proj|
-    # down_proj)": Int8WeightOnlyConfig() / Float8WeightOnlyConfig()})) quantizes the fused experts, but their forward
-    # fails under torch.inference_mode (qbench scores and times under it); its int4 layouts take 3-D weights on CUDA
-    # only (tile_packed_to_4d; plain_int32 says "not supported on cpu").
+    # int8/float8: qbench quantizes the fused experts with FqnToConfig after loading (see the module's docstring)
     experts_why = (
-        "its parameter-level configs (FqnToConfig on mlp.experts.gate_up_proj/down_proj) make int8/fp8 expert "
-        "tensors whose forward fails under torch.inference_mode, and its int4 layouts take 3-D weights on CUDA only"
+        "qbench quantizes them after loading with torchao's FqnToConfig on mlp.experts.gate_up_proj/down_proj; "
+        "a tensor left in full precision means that step did not reach it"
     )
     weights: ClassVar[str]  # int8 | int4 | float8
     bits: ClassVar[int]
     group_size: ClassVar[int | None] = None  # None: one scale per output row
+    fused_experts: ClassVar[bool] = True  # whether its config quantizes fused 3-D expert parameters
 
     def unavailable(self, device: str) -> str | None:
         return library_problem("torchao", "torchao", MIN_VERSION, "torchao") or self.device_problem(device)
@@ -102,7 +163,27 @@ class _TorchAo(Method):
     def load(self, req: LoadRequest):
         dtype = torch_dtype(req.compute_dtype)
         cfg = self.config(req.device)
-        return load_causal_lm(req.path, req.device, dtype, quantization_config=cfg, **req.load_kwargs())
+        model = load_causal_lm(req.path, req.device, dtype, quantization_config=cfg, **req.load_kwargs())
+        if self.fused_experts:
+            self.quantize_fused_experts(model, req.device)
+        return model
+
+    def quantize_fused_experts(self, model, device: str) -> list[str]:
+        """Quantize the fused 3-D expert parameters of a MoE ``model`` with this method's config, switch its experts
+        to transformers' eager implementation and make them safe under inference mode; returns the names quantized
+        (none, and ``model`` untouched, for a dense model)."""
+        from torchao.quantization import FqnToConfig, quantize_
+
+        names = fused_expert_params(model)
+        if not names:
+            return []
+        cfg = self.quant_type(device)
+        quantize_(model, FqnToConfig(dict.fromkeys(names, cfg)), filter_fn=None)
+        model.set_experts_implementation("eager")
+        if (impl := model.get_experts_implementation().get("")) != "eager":
+            raise RuntimeError(f"{self.name}: the experts of {type(model).__name__} stay on {impl!r}, not 'eager'")
+        inference_mode_safe(model, {n.rpartition(".")[0] for n in names})
+        return names
 
     def quantizes(self, out_features: int, in_features: int) -> bool:
         """Whether torchao quantizes an ``[out, in]`` linear (it leaves the shapes its layout cannot take alone)."""
@@ -111,7 +192,12 @@ class _TorchAo(Method):
     def quantized_modules(self, model) -> list[str]:
         from torchao.utils import TorchAOBaseTensor
 
-        return [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)]
+        # a Linear's weight, or a MoE experts module's fused gate_up_proj/down_proj
+        return [
+            n
+            for n, m in model.named_modules()
+            if any(isinstance(p, TorchAOBaseTensor) for p in m.parameters(recurse=False))
+        ]
 
     def left_unquantized(self, model) -> list[str]:
         import torch
@@ -127,6 +213,9 @@ class _TorchAo(Method):
         ]
 
     # ------------------------------------------------------------------------------------------------- size model
+
+    def quantizes_fused_experts(self, fmt: WeightFormat) -> bool:
+        return self.fused_experts
 
     def shard_blocks(self, fmt: WeightFormat, config) -> tuple[int, int] | None:
         # int4: one scale and zero per group_size input columns; int8/float8: one scale per row, no block
@@ -183,6 +272,12 @@ class Int4WeightOnly(_TorchAo):
     quality_bounds = FOUR_BIT
     weights, bits = "int4", 4
     group_size = INT4_GROUP_SIZE
+    fused_experts = False
+    experts_why = (
+        "its CPU int4 config (PrototypeInt4WeightOnlyConfig) takes no parameter-level config (FqnToConfig on "
+        "mlp.experts.gate_up_proj/down_proj: 'does not yet support parameter quantization', pytorch/ao#3252); "
+        "torchao-int8wo and torchao-fp8wo quantize them"
+    )
 
     def device_problem(self, device: str) -> str | None:
         import torch

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import pytest
 
+from qbench.gate.results import check
+from qbench.judge.store import default_root
+
 
 @pytest.mark.drift
 def test_case_passes_its_gates(qbench_case, qbench_matrix_results):
+    """The same outcome as the gate in a user's repository (qbench.gate.results.check): skipped with --qbench-lenient
+    and a baseline whose fingerprints do not match; a failure carrying the verdict's reasons; and a failure when no
+    stored baseline was compared."""
     _, case = qbench_case
-    result = qbench_matrix_results[case.id]
-    if result["status"] == "skipped":  # --qbench-lenient and a baseline whose fingerprints do not match
-        pytest.skip(f"{case.id}: " + "; ".join(result["reasons"]))
-    assert result["status"] == "pass", f"{case.id}: {result['status']}: " + "; ".join(result["reasons"])
-    assert result["baseline"]["compared"] or result["baseline"].get("updated") is not None, (
-        f"{case.id}: no stored baseline was compared ({'; '.join(result['reasons'])})"
-    )
+    problem = check(qbench_matrix_results[case.id], qbench_matrix_results.baselines or default_root())
+    if problem is not None and problem.startswith("skip: "):
+        pytest.skip(problem.removeprefix("skip: "))
+    assert problem is None, problem
 
 
 @pytest.mark.drift

@@ -25,12 +25,12 @@ def test_case_passes_its_gates(qbench_case, qbench_matrix_results):
 
 
 @pytest.mark.drift
-def test_drift_is_placed_against_the_bf16_noise_floor(qbench_matrix_results):
+def test_drift_is_placed_against_the_bf16_noise_floor(qbench_matrix_results, qbench_device):
     """Issue 24 on glm-tiny, from the matrix's own runs (no extra model work): against the bf16 reference, fp32 (whose
     only difference is the reference's own bf16 rounding) sits near 1× the floor and bnb-nf4 well above it. Measured
     on a 2-core AMD EPYC (AVX2), 4,096 positions: fp32 1.2×, bnb-nf4 7.6×, bnb-int8 1.5× (floor 3.9e-5); the bounds
     leave 2× either way for other kernel sets (kld_mean moved up to 15% across kernel sets, tolerances.py)."""
-    ids = {m: f"glm-tiny-{m}-cpu" for m in ("fp32", "bnb-nf4")}
+    ids = {m: f"glm-tiny-{m}-{qbench_device.replace(':', '')}" for m in ("fp32", "bnb-nf4")}  # as Case.id
     missing = [i for i in ids.values() if i not in qbench_matrix_results.cases]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} in the selected matrix (--qbench-method / --qbench-model)")

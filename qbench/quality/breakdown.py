@@ -5,8 +5,9 @@ KLD as a multiple of the reference's bf16 noise floor (:mod:`qbench.quality.floo
 ``p1 < 0.5`` (no clear favourite), ``0.5 ≤ p1 < 0.9``, ``0.9 ≤ p1 < 0.99`` and ``p1 ≥ 0.99`` (the reference is
 sure). Drift on near-ties moves text little; drift where the reference was sure changes what a user reads. Each
 bucket reports its positions, its KLD mean, its share of the total KLD and its same-top-1; the buckets' KLD sums
-add up to the whole. The edges are exllamav3's ``eval/qbench.py`` kind of split (a near-tie, likely, confident,
-certain): fixed, so two runs' buckets hold the same positions when the reference is the same.
+add up to the whole. The edges are the four the issue that asked for this breakdown names (issue 24: a near-tie,
+likely, confident, certain), not fitted to any model: fixed, so two runs' buckets hold the same positions when the
+reference is the same.
 """
 
 from __future__ import annotations

@@ -208,6 +208,10 @@ class Int8(_Bnb):
     name = "bnb-int8"
     description = "bitsandbytes LLM.int8(): row-wise int8 with fp16 outlier columns (threshold 6.0)"
     quality_bounds = EIGHT_BIT
+    # LLM.int8() computes in fp16 the input columns where any row of the batch passes the threshold, so a prompt's
+    # continuation depends on the prompts batched with it (glm-tiny: 6 of 13 changed when batched by length, at
+    # near-ties).
+    rows_independent = False
     experts_why = (
         "bitsandbytes quantizes a parameter outside nn.Linear in 4 bits only (bitsandbytes.nn.parametrize."
         "replace_parameter_4bit, which bnb-nf4, bnb-nf4-dq and bnb-fp4 use); there is no 8-bit counterpart"

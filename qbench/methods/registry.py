@@ -41,6 +41,9 @@ class Method:
     quantized: ClassVar[bool] = True
     # The dtype activations are computed in unless the case says otherwise.
     default_compute_dtype: ClassVar[str] = "bf16"
+    # Whether a row of a batch computes the same whatever the other rows hold: then the greedy prompts of equal length
+    # run as one batch (qbench.quality.tasks.continuations). False where the quantized matmul looks across the batch.
+    rows_independent: ClassVar[bool] = True
     # Absolute quality bounds against the full-precision reference (qbench.case.Bound), with provenance.
     quality_bounds: ClassVar[tuple] = ()
     # The distribution whose code quantizes the weights (pip's name), named with its version in a verdict's reason

@@ -105,7 +105,9 @@ def measure_case(case: Case, ctx: ModelContext, cfg: RunConfig, progress: Progre
         quality = acc.result()
         if ctx.reference.routing is not None and (routed := routes.result()) is not None:
             quality.update(routing_drift(ctx.reference.routing, routed, routes.layers))
-        greedy, margins = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens)
+        greedy, margins = tasks.continuations(
+            model, ctx.tokenizer, ctx.prompts["text"], wl.greedy_tokens, method.rows_independent
+        )
         quality.update(greedy_agreement(ctx.reference_greedy, greedy))
         checks["degenerate"] = tasks.degenerate_where(ctx.tokenizer, greedy, ctx.reference_greedy)
         if quantized:

@@ -119,7 +119,9 @@ def _score(ctx: ModelContext, cfg: RunConfig, progress: Progress, method) -> Non
         ctx.reference = build_reference(iter_logprobs(model, ctx.eval_ids, cfg.workload.window), cfg.workload.top_k)
     ctx.reference.routing, ctx.reference.routing_layers = routes.result(), routes.layers or None
     check_reference(ctx.reference)  # before anything is measured against it, or saved
-    ctx.reference_greedy, _ = tasks.continuations(model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens)
+    ctx.reference_greedy, _ = tasks.continuations(
+        model, ctx.tokenizer, ctx.prompts["text"], cfg.workload.greedy_tokens, method.rows_independent
+    )
     if ctx.prompts.get("addition"):
         ctx.reference.addition = tasks.addition_answers(model, ctx.tokenizer, ctx.prompts["addition"])
     if cfg.workload.noise_floor:

@@ -41,6 +41,15 @@ def _seed_and_free():
         gc.collect(0)
 
 
+def pytest_collection_finish(session) -> None:
+    """Everything imported and built by collection (torch, transformers, bitsandbytes, hypothesis: ~470,000 objects)
+    lives for the whole session: frozen, Python's garbage collector stops scanning it. A full collection (qbench runs
+    one after each model it drops, qbench.run.devices.release_memory) then takes ~0 s instead of 0.3 s on a 2-core
+    AMD EPYC; what tests create afterwards is collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 QBENCH_DIR = str(Path(qbench.__file__).resolve().parent)
 LIBRARIES_WATCHED = ("transformers", "accelerate")
 

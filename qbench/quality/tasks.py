@@ -31,11 +31,11 @@ def continuations(
 
     Prompts of equal token length run as one batch when the method computes each row on its own
     (``Method.rows_independent``): glm-tiny's 13 prompts make 4 batches, a third of the decode steps. On a 2-core AMD
-    EPYC (AVX2) every glm-tiny and glm4-moe-tiny method gave the same tokens and margins batched as one prompt at a
-    time, but bnb-int8, which picks its fp16 outlier columns over the whole batch (6 of 13 continuations changed,
-    each at a near-tie of at most 0.031 nats). On other kernels a batch may round differently; the gate reads a
-    divergence at a near-tie as rounding (qbench.judge.verdict.greedy_changes). A method whose rows depend on each
-    other runs one prompt at a time.
+    EPYC (AVX2) every glm-tiny and glm4-moe-tiny method gave the same tokens batched as one prompt at a time, and the
+    same margins but one (glm4-moe-tiny in fp32, 1e-4 apart); not bnb-int8, which picks its fp16 outlier columns
+    over the whole batch (6 of 13 continuations changed, each at a near-tie of at most 0.031 nats). On other kernels
+    a batch may round differently; the gate reads a divergence at a near-tie as rounding
+    (qbench.judge.verdict.greedy_changes). A method whose rows depend on each other runs one prompt at a time.
 
     If the generation config turns sampling on, the continuations stop being reproducible, and the gate sees
     it as changed output.

@@ -22,6 +22,7 @@ from __future__ import annotations
 from qbench.methods.bounds import FP8
 from qbench.methods.libraries import library_problem
 from qbench.methods.prequantized import Prequantized
+from qbench.methods.prequantized_sizing import FP8_DEFAULT_BLOCK
 from qbench.methods.registry import register
 
 # transformers' FineGrainedFP8HfQuantizer keeps FP8 only from this compute capability on (dequantizes below it).
@@ -81,7 +82,7 @@ class FineGrainedFP8(Prequantized):
         # FineGrainedFP8Config's default; null: one scale per tensor, no blocks.
         qc = getattr(config, "quantization_config", None)
         qc = qc if qc is None or isinstance(qc, dict) else qc.to_dict()
-        block = (qc or {}).get("weight_block_size", (128, 128))
+        block = (qc or {}).get("weight_block_size", FP8_DEFAULT_BLOCK)
         return None if block is None else (int(block[0]), int(block[1]))
 
     def quantized_modules(self, model) -> list[str]:

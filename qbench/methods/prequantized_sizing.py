@@ -50,6 +50,9 @@ from qbench.models.roles import ROUTED_EXPERTS, is_fused_expert, role_of
 PACK_BITS = 32  # int32 words: GPTQModel's default pack_dtype, the only one transformers' GPTQ/AWQ loaders read
 SCALE_BYTES = 2  # fp16 scales (GPTQ and AWQ)
 FP8_SCALE_BYTES = 4  # fp32 weight_scale_inv / activation_scale
+# FineGrainedFP8Config's weight_block_size when a checkpoint's quantization_config has no such key (an explicit null
+# means one scale per tensor)
+FP8_DEFAULT_BLOCK = (128, 128)
 FUSED_SPLIT = {"gate_up_proj": 2}  # GLM's fused MLP projection, quantized by GPTQModel as gate_proj + up_proj
 
 
@@ -195,8 +198,7 @@ def from_config(scheme: str, config, where: str = "the model", default: dict | N
         )
     skip = tuple(qc.get("modules_to_not_convert") or ())
     if scheme == "fp8":
-        # FineGrainedFP8Config's default when the key is absent; an explicit null means one scale per tensor
-        block = qc.get("weight_block_size", (128, 128))
+        block = qc.get("weight_block_size", FP8_DEFAULT_BLOCK)
         if qc.get("dequantize"):
             raise UsageError(f"--method fp8: {where}'s quantization_config says dequantize; it loads as bf16, not FP8")
         for key, covered in (("scale_fmt", "float"), ("expert_dtype" if moe else "", "fp8")):

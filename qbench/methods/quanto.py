@@ -26,11 +26,10 @@ makes those linears run their forward outside inference mode (still without grad
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import ClassVar
 
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
+from qbench.methods.inference_mode import outside_inference_mode
 from qbench.methods.libraries import library_problem
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
 from qbench.methods.sizing import WeightFormat
@@ -49,37 +48,13 @@ def int4_group_size(in_features: int) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
 
 
-@functools.cache
-def _inference_mode_safe_qlinear():
-    """A ``QLinear`` whose forward leaves ``torch.inference_mode`` (keeping grad off) for the duration of the call."""
-    import torch
-    from optimum.quanto import QLinear
-
-    class InferenceModeSafeQLinear(QLinear):
-        def forward(self, input):
-            if not torch.is_inference_mode_enabled():
-                return super().forward(input)
-            with torch.inference_mode(False), torch.no_grad():
-                return super().forward(input)
-
-    return InferenceModeSafeQLinear
-
-
 def inference_mode_safe(model) -> list[str]:
     """Make the ``QLinear`` modules of ``model`` whose weight is quanto's packed ``WeightQBitsTensor`` run under
     ``torch.inference_mode`` (see the module's docstring); returns their names. The tinygemm int4, int8 and float8
     weights work under inference mode and are left alone."""
     from optimum.quanto import QLinear, WeightQBitsTensor
 
-    safe = _inference_mode_safe_qlinear()
-    changed = []
-    for name, module in model.named_modules():
-        if type(module) is QLinear and type(module.weight) is WeightQBitsTensor:
-            module.__class__ = safe
-            if hasattr(module, "_old_forward"):  # an accelerate hook kept the old bound forward: call the new one
-                module._old_forward = types.MethodType(safe.forward, module)
-            changed.append(name)
-    return changed
+    return outside_inference_mode(model, lambda _name, m: type(m) is QLinear and type(m.weight) is WeightQBitsTensor)
 
 
 class _Quanto(Method):

@@ -39,12 +39,11 @@ parameter quantization", pytorch/ao#3252).
 
 from __future__ import annotations
 
-import functools
 import logging
-import types
 from typing import ClassVar
 
 from qbench.methods.bounds import EIGHT_BIT, FOUR_BIT, FP8
+from qbench.methods.inference_mode import outside_inference_mode
 from qbench.methods.libraries import library_problem
 from qbench.methods.registry import LoadRequest, Method, register, torch_dtype
 from qbench.methods.sizing import WeightFormat
@@ -102,33 +101,10 @@ def fused_expert_params(model) -> list[str]:
     ]
 
 
-@functools.cache
-def _inference_mode_safe(cls: type) -> type:
-    """A subclass of the experts module ``cls`` whose forward leaves ``torch.inference_mode`` (keeping grad off)."""
-    import torch
-
-    def forward(self, *args, **kwargs):
-        if not torch.is_inference_mode_enabled():
-            return super(safe, self).forward(*args, **kwargs)
-        with torch.inference_mode(False), torch.no_grad():
-            return super(safe, self).forward(*args, **kwargs)
-
-    safe = type(f"InferenceModeSafe{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return safe
-
-
 def inference_mode_safe(model, owners: set[str]) -> list[str]:
     """Make the modules of ``model`` named in ``owners`` (the holders of torchao-quantized fused experts) run their
     forward outside ``torch.inference_mode`` (see the module's docstring); returns their names."""
-    changed = []
-    for name, module in model.named_modules():
-        if name in owners and not type(module).__name__.startswith("InferenceModeSafe"):
-            safe = _inference_mode_safe(type(module))
-            module.__class__ = safe
-            if hasattr(module, "_old_forward"):  # an accelerate hook kept the old bound forward: call the new one
-                module._old_forward = types.MethodType(safe.forward, module)
-            changed.append(name)
-    return changed
+    return outside_inference_mode(model, lambda name, _m: name in owners)
 
 
 class _TorchAo(Method):

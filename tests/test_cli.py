@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -95,6 +97,7 @@ def test_zoo_and_methods_listing(capsys):
     assert "  all " in groups and "  bitsandbytes  bnb-nf4 bnb-nf4-dq bnb-fp4 bnb-int8" in groups
 
 
+@pytest.mark.processes  # the console entry point in its own interpreter: 3-4 s of imports
 def test_console_script_usage_error_has_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "qbench", "run", "--model", "/no/such/dir"], capture_output=True, text=True, timeout=120
@@ -126,3 +129,37 @@ def test_workload_flags_reach_the_run(capsys, tmp_path):
     (case,) = doc["cases"]
     assert code == 0 and case["status"] == "pass", (code, err, case["reasons"])
     assert case["greedy_ids"] and all(len(g) == 2 for g in case["greedy_ids"])
+
+
+QUIETED = """
+import json, sys
+from qbench.env import quiet_libraries
+quiet_libraries()
+loaded_by_quieting = "transformers" in sys.modules
+from transformers.utils import logging
+print(json.dumps([loaded_by_quieting, logging.get_verbosity(), logging.is_progress_bar_enabled()]))
+"""
+
+
+def test_library_chatter_is_quieted_when_transformers_is_already_loaded():
+    from transformers.utils import logging as hf_logging
+
+    from qbench.env import quiet_libraries
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    quiet_libraries()
+    assert hf_logging.get_verbosity() == logging.ERROR and not hf_logging.is_progress_bar_enabled()
+
+
+@pytest.mark.processes  # fresh interpreters, the state of a pytest process before anything imported transformers
+@pytest.mark.parametrize(("users", "level"), [(None, logging.ERROR), ("info", logging.INFO)])
+def test_library_chatter_is_quieted_without_importing_transformers(users, level):
+    """The pytest plugin quiets the libraries in every pytest process (xdist workers, a user's unrelated tests):
+    importing transformers there cost about a second each. Quieted before it is loaded, it still loads quiet; a
+    verbosity the user set stays theirs. (Planted: the import put back in quiet_libraries fails the first check.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    if users:
+        env["TRANSFORMERS_VERBOSITY"] = users
+    out = subprocess.run([sys.executable, "-c", QUIETED], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == [False, level, False]

@@ -264,6 +264,7 @@ RSS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # a fresh interpreter's RSS high-water mark: 7-12 s, most of it importing torch
 def test_cpu_rss_of_a_real_glm_tiny_run():
     method = "bf16"
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, method], capture_output=True, text=True, check=True)

@@ -59,6 +59,7 @@ def _kernels_in_fresh_process(extra_env: dict) -> dict:
 
 
 @pytest.mark.skipif(not X86 or "avx2" not in env._cpuinfo()[1], reason="needs an x86-64 CPU with AVX2")
+@pytest.mark.processes  # a fresh interpreter under forced kernel variables: 2-3 s of imports
 def test_forced_kernel_set_is_recorded_as_forced():
     k = _kernels_in_fresh_process({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert k["kernel_set"] == "AVX2/avx2"

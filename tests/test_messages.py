@@ -308,6 +308,7 @@ BAD_OPTIONS = [
 ]
 
 
+@pytest.mark.processes  # a pytest session of its own: 4-6 s of imports and collection
 def test_a_bad_pytest_option_is_a_usage_error_in_a_users_process():
     option, words = BAD_OPTIONS[0]
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "drift", *option]
@@ -331,6 +332,7 @@ def test_bad_pytest_options_are_usage_errors(pytester, option, words):
 # 9. A runner killed with kill -9 leaves its scratch folder; the next run removes it.
 
 
+@pytest.mark.processes  # a runner process started and killed with -9: 2-3 s, most of it importing torch
 def test_a_killed_runners_scratch_folder_is_removed_by_the_next(tmp_path, monkeypatch):
     import tempfile
 

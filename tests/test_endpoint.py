@@ -67,6 +67,7 @@ class Fake:
         self.lock = threading.Lock()
         self._logits: dict[tuple, torch.Tensor] = {}  # answers computed once: see logprobs
         self._greedy: dict[tuple, list[int]] = {}
+        self._entries: dict[tuple, list] = {}  # prompt_logprobs answers, computed once like the logits
 
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         logits = self._logits.get(tuple(ids))
@@ -76,6 +77,24 @@ class Fake:
         if self.fault == "perturb":  # a broken kernel: noise of 1 logit std on every logit
             logits = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
         return torch.log_softmax(logits, -1)
+
+    def prompt_logprobs(self, ids: list[int], k: int) -> list:
+        """vLLM's ``prompt_logprobs``: None for the first position, then per position the top ``k`` and the prompt's
+        own token (ranked ``None`` here when outside the top ``k``), keyed by token id as a string."""
+        key = (tuple(ids), k)
+        if key in self._entries and self.fault != "perturb":
+            return self._entries[key]
+        logp = self.logprobs(ids)[: len(ids) - 1]
+        vals, idx = logp.topk(k, dim=-1)
+        own = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        entries = [None]
+        for pos, (row_idx, row_vals) in enumerate(zip(idx.tolist(), vals.tolist(), strict=True), start=1):
+            d = {str(i): {"logprob": v, "rank": r + 1} for r, (i, v) in enumerate(zip(row_idx, row_vals, strict=True))}
+            d.setdefault(str(ids[pos]), {"logprob": own[pos - 1], "rank": None})
+            entries.append(d)
+        if self.fault != "perturb":
+            self._entries[key] = entries
+        return entries
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         if (tuple(ids), n) in self._greedy:
@@ -210,18 +229,7 @@ def handler_for(fake: Fake):
             if fake.fault in ("bos_added", "bos_echoed"):  # ignores add_special_tokens: false
                 prompt = [2, *prompt]
             if body.get("prompt_logprobs") and fake.fault not in ("no_logprobs", "no_logprobs_cut"):
-                logp = fake.logprobs(prompt)
-                k = body["prompt_logprobs"]
-                entries = [None]
-                for pos in range(1, len(prompt)):
-                    row = logp[pos - 1]
-                    vals, idx = row.topk(k)
-                    d = {
-                        str(i): {"logprob": v, "rank": r + 1}
-                        for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist(), strict=True))
-                    }
-                    d.setdefault(str(prompt[pos]), {"logprob": row[prompt[pos]].item(), "rank": None})
-                    entries.append(d)
+                entries = fake.prompt_logprobs(prompt, body["prompt_logprobs"])
                 if fake.fault == "text_keys":  # keyed by token text, as some servers do
                     entries = [None] + [{f"tok{t}": v for t, v in d.items()} for d in entries[1:]]
                 choice["prompt_logprobs"] = entries

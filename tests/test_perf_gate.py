@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qbench.judge import perf
@@ -45,9 +47,19 @@ def test_cuda_memory_growth_fails(tmp_path):
     assert perf.gate(_perf(300.0), {"peak_run_bytes": 120 * 2**20}, "cpu", stored, "m")[0] == []
 
 
-def test_slug_names_the_exact_device():
+@pytest.mark.parametrize(
+    ("forced_by", "tail"), [({}, ""), ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "-avx2-avx2")]
+)
+def test_slug_names_the_exact_device(monkeypatch, forced_by, tail):
+    """The CPU's model, its core count and, when a variable forced a lower kernel set, that set. Whatever kernel set
+    the suite itself runs under: as first written this test expected the core count last, and the README command
+    under ATEN_CPU_CAPABILITY=default failed it (the slug ended in -2c-default-sse41, as it should)."""
+    import qbench.env
+
+    kernels = {**qbench.env.cpu_kernels(), "kernel_set": "AVX2/avx2", "forced_by": forced_by}
+    monkeypatch.setattr(qbench.env, "cpu_kernels", lambda: kernels)
     slug = perf.device_slug("cpu")
-    assert slug.startswith("cpu-") and slug.endswith("c") and " " not in slug
+    assert slug.startswith("cpu-") and slug.endswith(f"-{os.cpu_count()}c{tail}") and " " not in slug
 
 
 def test_single_cold_runs_neither_make_nor_meet_a_perf_baseline():

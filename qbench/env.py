@@ -222,15 +222,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()  # the hub's switch, which transformers reads for its own bars when it is imported
     hf_logging = sys.modules.get("transformers.utils.logging")
     if hf_logging is not None:
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # its own bars and the hub's
     else:
         # Not imported yet, and not imported here: the pytest plugin calls this in every pytest process (xdist workers,
-        # a user's unrelated tests), where importing transformers costs about a second. Its logging reads the variable
-        # when first used; one the user set stays theirs.
+        # a user's unrelated tests), where importing transformers costs about a second. When it is, it reads the hub's
+        # progress-bar switch for its own bars, and its logging reads the variable (one the user set stays theirs).
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
